@@ -21,7 +21,7 @@ type Table struct {
 // Compile builds a Table from prefixes. Prefixes are canonicalised
 // (Masked); an invalid prefix is an error naming its index. When the same
 // prefix appears more than once, Lookup reports the lowest index.
-// IPv4-mapped IPv6 prefixes are treated as IPv6.
+// IPv4-mapped IPv6 prefixes are IPv6 prefixes.
 func Compile(prefixes []netip.Prefix) (*Table, error) {
 	t := &Table{prefixes: make([]netip.Prefix, len(prefixes))}
 	for i, p := range prefixes {
@@ -31,10 +31,10 @@ func Compile(prefixes []netip.Prefix) (*Table, error) {
 }
 
 // Lookup returns the index (into the slice given to Compile) of the most
-// specific prefix that contains addr, or NoMatch. An IPv4-mapped IPv6
-// address is looked up as IPv4 (Unmap); the zero Addr never matches.
+// specific prefix that contains addr, or NoMatch. Families are strict: an
+// IPv4 address matches only IPv4 prefixes and an IPv6 address (including an
+// IPv4-mapped one) only IPv6 prefixes; the zero Addr never matches.
 func (t *Table) Lookup(addr netip.Addr) int {
-	addr = addr.Unmap()
 	best, bestBits := NoMatch, -1
 	for i, p := range t.prefixes {
 		if p.Bits() > bestBits && p.Contains(addr) {
