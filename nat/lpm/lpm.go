@@ -1,48 +1,136 @@
-// Package lpm is a compiled longest-prefix-match table for IP prefixes.
-//
-// A Table is built once by Compile and is immutable afterwards: it is safe
-// for concurrent use by any number of goroutines without locking. Lookup
-// never allocates.
 package lpm
 
 import (
+	"encoding/binary"
 	"net/netip"
+	"unsafe"
 )
 
 // NoMatch is the index Lookup returns when no prefix contains the address.
 const NoMatch = -1
 
+// A slot is one 32-bit entry of a trie node. Its top two bits say what the
+// rest holds, so that the common case (the slot already knows the answer)
+// costs a single load and a single compare.
+const (
+	slotAnswer = 0 << 30 // low bits: prefix index + 1 (0 is NoMatch)
+	slotBlock  = 1 << 30 // low bits: offset of a range block in blocks
+	slotNode   = 2 << 30 // low bits: offset of a child node in slots
+	offsetMask = 1<<30 - 1
+
+	// childStride is the number of address bits a child node consumes.
+	// Children exist only where more than maxBlock ranges share a root
+	// slot, so they are rare and a fixed 256-way stride keeps the descent
+	// free of per-node metadata.
+	childStride = 8
+)
+
 // Table answers "which of the compiled prefixes is the most specific one
 // containing this address". Both address families live in one Table.
 type Table struct {
-	prefixes []netip.Prefix // STUB: naive scan; replaced by the compiled form.
+	v4 family4
+	v6 family6
+	n  int
 }
 
-// Compile builds a Table from prefixes. Prefixes are canonicalised
-// (Masked); an invalid prefix is an error naming its index. When the same
-// prefix appears more than once, Lookup reports the lowest index.
-// IPv4-mapped IPv6 prefixes are IPv6 prefixes.
-func Compile(prefixes []netip.Prefix) (*Table, error) {
-	t := &Table{prefixes: make([]netip.Prefix, len(prefixes))}
-	for i, p := range prefixes {
-		t.prefixes[i] = p.Masked()
-	}
-	return t, nil
+// family4 is the IPv4 trie over 32-bit keys.
+//
+// slots holds the root node (1<<(32-rootShift) slots at offset 0) followed
+// by child nodes. A block is laid out as [n, key1 … key(n-1), val0 … val(n-1)]:
+// range i starts at key i (range 0 starts at or before the slot's first
+// address) and vals are prefix index + 1. Keys and values sit together so a
+// short block is one or two cache lines.
+type family4 struct {
+	slots     []uint32
+	blocks    []uint32
+	rootShift uint8
+}
+
+// family6 is the IPv6 trie over 128-bit keys, laid out like family4 with
+// keys stored as (hi, lo) word pairs: [n, hi1, lo1 … hi(n-1), lo(n-1), val0 … val(n-1)].
+type family6 struct {
+	slots     []uint32
+	blocks    []uint64
+	rootShift uint8 // of the high word
 }
 
 // Lookup returns the index (into the slice given to Compile) of the most
 // specific prefix that contains addr, or NoMatch. Families are strict: an
 // IPv4 address matches only IPv4 prefixes and an IPv6 address (including an
-// IPv4-mapped one) only IPv6 prefixes; the zero Addr never matches.
+// IPv4-mapped one) only IPv6 prefixes; the zero Addr never matches. An IPv6
+// zone is ignored (unlike netip.Prefix.Contains): packets carry none, and
+// a zoned address is still inside its prefix.
 func (t *Table) Lookup(addr netip.Addr) int {
-	best, bestBits := NoMatch, -1
-	for i, p := range t.prefixes {
-		if p.Bits() > bestBits && p.Contains(addr) {
-			best, bestBits = i, p.Bits()
-		}
+	if addr.Is4() {
+		a := addr.As4()
+		return t.v4.lookup(binary.BigEndian.Uint32(a[:]))
 	}
-	return best
+	if addr.Is6() {
+		a := addr.As16()
+		return t.v6.lookup(binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:]))
+	}
+	return NoMatch
+}
+
+func (f *family4) lookup(key uint32) int {
+	shift := uint(f.rootShift)
+	e := f.slots[key>>shift]
+	for e >= slotBlock {
+		off := e & offsetMask
+		if e < slotNode {
+			b := f.blocks[off:]
+			n := b[0]
+			i := uint32(1)
+			for i < n && b[i] <= key {
+				i++
+			}
+			return int(b[n+i-1]) - 1
+		}
+		s := min(shift, childStride)
+		shift -= s
+		e = f.slots[off+(key>>shift)&(1<<s-1)]
+	}
+	return int(e) - 1
+}
+
+func (f *family6) lookup(hi, lo uint64) int {
+	e := f.slots[hi>>f.rootShift]
+	shift := 64 + uint(f.rootShift)
+	for e >= slotBlock {
+		off := e & offsetMask
+		if e < slotNode {
+			b := f.blocks[off:]
+			n := b[0]
+			i := uint64(0)
+			for i+1 < n {
+				khi, klo := b[1+2*i], b[2+2*i]
+				if khi > hi || khi == hi && klo > lo {
+					break
+				}
+				i++
+			}
+			return int(b[2*n-1+i]) - 1
+		}
+		s := min(shift, childStride)
+		shift -= s
+		var chunk uint64
+		if shift >= 64 {
+			chunk = hi >> (shift - 64)
+		} else {
+			chunk = lo>>shift | hi<<(64-shift)
+		}
+		e = f.slots[uint64(off)+chunk&(1<<s-1)]
+	}
+	return int(e) - 1
 }
 
 // Len returns the number of prefixes the Table was compiled from.
-func (t *Table) Len() int { return len(t.prefixes) }
+func (t *Table) Len() int { return t.n }
+
+// MemoryBytes returns the bytes the Table occupies: its header plus the
+// backing arrays it owns. It is an exact accounting of what Compile
+// allocated and kept, for comparing layouts; it excludes allocator
+// rounding.
+func (t *Table) MemoryBytes() int {
+	return int(unsafe.Sizeof(*t)) + 4*cap(t.v4.slots) + 4*cap(t.v4.blocks) + 4*cap(t.v6.slots) + 8*cap(t.v6.blocks)
+}

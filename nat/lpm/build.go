@@ -1,0 +1,276 @@
+package lpm
+
+import (
+	"cmp"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/bits"
+	"net/netip"
+	"slices"
+)
+
+// Build parameters, chosen by the benchmarks in bench_test.go.
+const (
+	// maxBlock is the most ranges a slot scans linearly; a block of 8
+	// IPv4 ranges is 64 bytes.
+	maxBlock = 8
+	// The root has about one slot per range, within these bounds: a
+	// 16-slot root is one cache line, and 1<<16 slots (256 KiB) keep the
+	// root of a very large set in L2.
+	minRootBits = 4
+	maxRootBits = 16
+	// maxPrefixes keeps a prefix index + 1 within a slot's payload bits.
+	maxPrefixes = offsetMask - 1
+)
+
+// errTooLarge reports a set whose compiled form does not fit the 30-bit
+// offsets of a slot.
+var errTooLarge = errors.New("lpm: prefix set too large")
+
+// Compile builds a Table from prefixes. Prefixes are canonicalised
+// (Masked); an invalid prefix is an error naming its index. When the same
+// prefix appears more than once, Lookup reports the lowest index.
+// IPv4-mapped IPv6 prefixes are IPv6 prefixes.
+func Compile(prefixes []netip.Prefix) (*Table, error) {
+	if len(prefixes) > maxPrefixes {
+		return nil, fmt.Errorf("%w: %d prefixes, at most %d", errTooLarge, len(prefixes), maxPrefixes)
+	}
+	var p4, p6 []span
+	for i, p := range prefixes {
+		if !p.IsValid() {
+			return nil, fmt.Errorf("lpm: prefix %d: invalid prefix %q", i, p)
+		}
+		p = p.Masked()
+		a := p.Addr().As16()
+		start := u128{binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:])}
+		if p.Addr().Is4() {
+			start = u128{0, start.lo & 0xffffffff}
+			p4 = append(p4, span{start: start, end: start.or(lowMask(uint(32 - p.Bits()))), bits: p.Bits(), index: int32(i)})
+		} else {
+			p6 = append(p6, span{start: start, end: start.or(lowMask(uint(128 - p.Bits()))), bits: p.Bits(), index: int32(i)})
+		}
+	}
+
+	t := &Table{n: len(prefixes)}
+	r4 := flatten(p4, lowMask(32))
+	b4 := builder{width: 32, ranges: r4}
+	shift4, err := b4.build()
+	if err != nil {
+		return nil, err
+	}
+	t.v4 = family4{slots: slices.Clone(b4.slots), blocks: slices.Clone(b4.blocks32), rootShift: uint8(shift4)}
+
+	r6 := flatten(p6, lowMask(128))
+	b6 := builder{width: 128, ranges: r6}
+	shift6, err := b6.build()
+	if err != nil {
+		return nil, err
+	}
+	t.v6 = family6{slots: slices.Clone(b6.slots), blocks: slices.Clone(b6.blocks64), rootShift: uint8(shift6 - 64)}
+	return t, nil
+}
+
+// span is one prefix as the inclusive address interval it covers.
+type span struct {
+	start, end u128
+	bits       int
+	index      int32
+}
+
+// addrRange is a maximal run of addresses with the same answer; it ends
+// where the next range starts.
+type addrRange struct {
+	start u128
+	value int32 // prefix index, or NoMatch
+}
+
+// flatten turns prefixes of one family into sorted, non-overlapping ranges
+// covering [0, maxKey], the first starting at 0. Prefixes either nest or are
+// disjoint, so after sorting by start (wider first) one sweep with a stack
+// of the prefixes still open labels each range with the innermost one.
+func flatten(spans []span, maxKey u128) []addrRange {
+	slices.SortFunc(spans, func(a, b span) int {
+		if c := a.start.cmp(b.start); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(a.bits, b.bits); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.index, b.index)
+	})
+	out := make([]addrRange, 0, 2*len(spans)+1)
+	emit := func(start u128, value int32) {
+		if n := len(out); n > 0 && out[n-1].start == start {
+			// A later event at the same address overrides an earlier one.
+			out = out[:n-1]
+		}
+		if n := len(out); n > 0 && out[n-1].value == value {
+			return
+		}
+		out = append(out, addrRange{start, value})
+	}
+	var open []span
+	closeUntil := func(limit u128, all bool) {
+		for len(open) > 0 {
+			top := open[len(open)-1]
+			if !all && !top.end.less(limit) {
+				return
+			}
+			open = open[:len(open)-1]
+			if top.end == maxKey {
+				continue
+			}
+			next := int32(NoMatch)
+			if len(open) > 0 {
+				next = open[len(open)-1].index
+			}
+			emit(top.end.addOne(), next)
+		}
+	}
+	emit(u128{}, NoMatch)
+	for _, s := range spans {
+		closeUntil(s.start, false)
+		if n := len(open); n > 0 && open[n-1].start == s.start && open[n-1].bits == s.bits {
+			continue // duplicate; the sort put the lowest index first
+		}
+		emit(s.start, s.index)
+		open = append(open, s)
+	}
+	closeUntil(u128{}, true)
+	return out
+}
+
+// builder lays out the trie of one family from its flattened ranges.
+type builder struct {
+	width    uint // 32 or 128 key bits
+	ranges   []addrRange
+	slots    []uint32
+	blocks32 []uint32
+	blocks64 []uint64
+}
+
+// build lays out the root and everything below it and returns the root's
+// shift (key bits below the root's index).
+func (b *builder) build() (uint, error) {
+	rootBits := uint(bits.Len(uint(len(b.ranges) - 1)))
+	rootBits = max(minRootBits, min(maxRootBits, rootBits))
+	shift := b.width - rootBits
+	if err := b.node(0, u128{}, shift, rootBits); err != nil {
+		return 0, err
+	}
+	return shift, nil
+}
+
+// node appends a node of 1<<stride slots covering the keys from base whose
+// low shift bits vary per slot; first is the range containing base.
+func (b *builder) node(first int, base u128, shift, stride uint) error {
+	off := len(b.slots)
+	if off+1<<stride > offsetMask {
+		return errTooLarge
+	}
+	b.slots = append(b.slots, make([]uint32, 1<<stride)...)
+	r := b.ranges
+	lo := first
+	for c := uint64(0); c < 1<<stride; c++ {
+		slotStart := base.or(u128{0, c}.shl(shift))
+		slotEnd := slotStart.or(lowMask(shift))
+		for lo+1 < len(r) && !slotStart.less(r[lo+1].start) {
+			lo++
+		}
+		hi := lo
+		for hi+1 < len(r) && !slotEnd.less(r[hi+1].start) {
+			hi++
+		}
+		var slot uint32
+		switch n := hi - lo + 1; {
+		case n == 1:
+			slot = slotAnswer | uint32(r[lo].value+1)
+		case n <= maxBlock:
+			o, err := b.block(r[lo : hi+1])
+			if err != nil {
+				return err
+			}
+			slot = slotBlock | o
+		default:
+			child := uint32(len(b.slots))
+			s := min(shift, childStride)
+			if err := b.node(lo, slotStart, shift-s, s); err != nil {
+				return err
+			}
+			slot = slotNode | child
+		}
+		b.slots[off+int(c)] = slot
+	}
+	return nil
+}
+
+// block appends a block for rs (the first range may start before the slot)
+// and returns its offset.
+func (b *builder) block(rs []addrRange) (uint32, error) {
+	n := len(rs)
+	if b.width == 32 {
+		off := len(b.blocks32)
+		if off > offsetMask {
+			return 0, errTooLarge
+		}
+		b.blocks32 = append(b.blocks32, uint32(n))
+		for _, r := range rs[1:] {
+			b.blocks32 = append(b.blocks32, uint32(r.start.lo))
+		}
+		for _, r := range rs {
+			b.blocks32 = append(b.blocks32, uint32(r.value+1))
+		}
+		return uint32(off), nil
+	}
+	off := len(b.blocks64)
+	if off > offsetMask {
+		return 0, errTooLarge
+	}
+	b.blocks64 = append(b.blocks64, uint64(n))
+	for _, r := range rs[1:] {
+		b.blocks64 = append(b.blocks64, r.start.hi, r.start.lo)
+	}
+	for _, r := range rs {
+		b.blocks64 = append(b.blocks64, uint64(r.value+1))
+	}
+	return uint32(off), nil
+}
+
+// u128 is a 128-bit key; IPv4 keys use the low 32 bits.
+type u128 struct{ hi, lo uint64 }
+
+func (a u128) cmp(b u128) int {
+	if c := cmp.Compare(a.hi, b.hi); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.lo, b.lo)
+}
+
+func (a u128) less(b u128) bool { return a.hi < b.hi || a.hi == b.hi && a.lo < b.lo }
+
+func (a u128) or(b u128) u128 { return u128{a.hi | b.hi, a.lo | b.lo} }
+
+func (a u128) addOne() u128 {
+	lo, carry := bits.Add64(a.lo, 1, 0)
+	return u128{a.hi + carry, lo}
+}
+
+func (a u128) shl(n uint) u128 {
+	if n >= 64 {
+		return u128{a.lo << (n - 64), 0}
+	}
+	return u128{a.hi<<n | a.lo>>(64-n), a.lo << n}
+}
+
+// lowMask returns a key with the low n bits set.
+func lowMask(n uint) u128 {
+	switch {
+	case n >= 128:
+		return u128{^uint64(0), ^uint64(0)}
+	case n >= 64:
+		return u128{1<<(n-64) - 1, ^uint64(0)}
+	default:
+		return u128{0, 1<<n - 1}
+	}
+}
