@@ -1,0 +1,413 @@
+package nat
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/nfmasq/nfmasq/nat/lpm"
+)
+
+// Action is what happens to a flow's source address.
+type Action uint8
+
+// Actions. The zero Action is deliberately not one of them, so that a
+// Decision nobody filled in cannot pass for a real one.
+const (
+	// Masquerade replaces the pod address with the node's.
+	Masquerade Action = iota + 1
+	// Passthrough keeps the pod address.
+	Passthrough
+)
+
+var actionNames = [...]string{Masquerade: "masquerade", Passthrough: "passthrough"}
+
+// String returns "masquerade" or "passthrough" ("unknown" otherwise).
+func (a Action) String() string {
+	if int(a) < len(actionNames) && actionNames[a] != "" {
+		return actionNames[a]
+	}
+	return "unknown"
+}
+
+// MarshalText encodes the Action as its String.
+func (a Action) MarshalText() ([]byte, error) {
+	if a.String() == "unknown" {
+		return nil, fmt.Errorf("invalid action %d", uint8(a))
+	}
+	return []byte(a.String()), nil
+}
+
+// UnmarshalText decodes a String form.
+func (a *Action) UnmarshalText(b []byte) error {
+	i := slices.Index(actionNames[:], string(b))
+	if i <= 0 {
+		return fmt.Errorf("unknown action %q", b)
+	}
+	*a = Action(i)
+	return nil
+}
+
+// Source says which part of the configuration decided a flow.
+type Source uint8
+
+// Sources.
+const (
+	// SourceNone: no non-masquerade prefix matched, so the flow is
+	// masqueraded.
+	SourceNone Source = iota
+	// SourceConfig: a nonMasqueradeCIDRs entry from the config file.
+	SourceConfig
+	// SourceDefault: a default non-masquerade range (no list in the file,
+	// no file, or no agent).
+	SourceDefault
+	// SourceLinkLocal: 169.254.0.0/16 or fe80::/10, not masqueraded unless
+	// masqLinkLocal(IPv6) says so.
+	SourceLinkLocal
+	// SourceEgressPolicy: an EgressNATPolicy destination; the Decision's
+	// Origin names the policy.
+	SourceEgressPolicy
+	// SourceCluster: a cluster range (--cluster-cidr: pods, services,
+	// nodes), never masqueraded.
+	SourceCluster
+	// SourceDisableDefaultSNAT: no agent, and the cluster was created with
+	// --disable-default-snat, so nothing is masqueraded.
+	SourceDisableDefaultSNAT
+	// SourceIPv6Disabled: an IPv6 destination while IPv6 is not enabled;
+	// like ip-masq-agent, nfmasq then installs no IPv6 masquerading.
+	SourceIPv6Disabled
+	// SourceKernelFallback: the kernel fallback chain decided, not Decide
+	// (the agent was down or overloaded). Decide never returns it; flow
+	// records use it.
+	SourceKernelFallback
+)
+
+var sourceNames = [...]string{
+	SourceNone:               "none",
+	SourceConfig:             "config",
+	SourceDefault:            "default",
+	SourceLinkLocal:          "link-local",
+	SourceEgressPolicy:       "egress-policy",
+	SourceCluster:            "cluster",
+	SourceDisableDefaultSNAT: "disable-default-snat",
+	SourceIPv6Disabled:       "ipv6-disabled",
+	SourceKernelFallback:     "kernel-fallback",
+}
+
+// String returns the Source's stable name, as written in flow records.
+func (s Source) String() string {
+	if int(s) < len(sourceNames) {
+		return sourceNames[s]
+	}
+	return "unknown"
+}
+
+// MarshalText encodes the Source as its String.
+func (s Source) MarshalText() ([]byte, error) {
+	if int(s) >= len(sourceNames) {
+		return nil, fmt.Errorf("invalid source %d", uint8(s))
+	}
+	return []byte(s.String()), nil
+}
+
+// UnmarshalText decodes a String form.
+func (s *Source) UnmarshalText(b []byte) error {
+	i := slices.Index(sourceNames[:], string(b))
+	if i < 0 {
+		return fmt.Errorf("unknown source %q", b)
+	}
+	*s = Source(i)
+	return nil
+}
+
+// Decision is the verdict for one destination. It is comparable, and
+// copying it does not allocate.
+type Decision struct {
+	Action Action
+	// Prefix is the most specific non-masquerade prefix containing the
+	// destination; the zero Prefix when none does.
+	Prefix netip.Prefix
+	// Source is where Prefix came from.
+	Source Source
+	// Origin is the EgressNATPolicy's name when Source is
+	// SourceEgressPolicy, and empty otherwise.
+	Origin string
+}
+
+var (
+	allIPv4 = netip.MustParsePrefix("0.0.0.0/0")
+	allIPv6 = netip.MustParsePrefix("::/0")
+
+	masquerade   = Decision{Action: Masquerade, Source: SourceNone}
+	ipv6Disabled = Decision{Action: Passthrough, Prefix: allIPv6, Source: SourceIPv6Disabled}
+)
+
+// Input is everything that decides a Policy: the config file and the
+// agent's flags, and the cluster's shape.
+type Input struct {
+	// Config is the parsed config file (DefaultConfig when there is none).
+	Config Config
+	// EnableIPv6 is --enable-ipv6. Without it IPv6 destinations are never
+	// masqueraded (Source SourceIPv6Disabled), as upstream installs no
+	// ip6tables rules then.
+	EnableIPv6 bool
+	// AllReservedRanges is --nomasq-all-reserved-ranges; it picks the
+	// defaults used when there is no agent.
+	AllReservedRanges bool
+	// NoAgent models a cluster without the masquerade DaemonSet (explain
+	// --agent=false). The config file and egress policies are then ignored,
+	// because nothing would read them.
+	NoAgent bool
+	// DisableDefaultSNAT models a cluster created with
+	// --disable-default-snat. It only has an effect together with NoAgent,
+	// as GKE documents.
+	DisableDefaultSNAT bool
+	// UseEgressPolicies selects Autopilot's model: the union of
+	// EgressPolicies replaces the config file's list. It is set whenever
+	// policies were asked for, even if none turned out valid (then only the
+	// cluster ranges and link-local are kept).
+	UseEgressPolicies bool
+	// EgressPolicies are the EgressNATPolicy objects in force.
+	EgressPolicies []EgressPolicy
+	// ClusterCIDRs (pods, services, nodes) are never masqueraded. They
+	// apply with or without egress policies: traffic inside the cluster
+	// should keep its pod address either way.
+	ClusterCIDRs []netip.Prefix
+}
+
+// Policy is a compiled Input. It is immutable after Compile and safe for
+// concurrent use; share one value between goroutines and swap it
+// atomically on reload.
+type Policy struct {
+	table      *lpm.Table
+	decisions  []Decision // index-aligned with the prefixes in table
+	enableIPv6 bool
+	effective  Config
+	notes      []string
+	hash       string
+	nonMasq4   []netip.Prefix
+	nonMasq6   []netip.Prefix
+}
+
+// Compile validates in and builds its Policy.
+//
+// Every compiled prefix is a passthrough prefix: Decide masquerades only
+// what no prefix contains. When a prefix comes from more than one place, the
+// first of these names it: the config file's list (or the defaults, or the
+// egress policies, sorted by name, so the first policy by name wins), then
+// the cluster ranges, then link-local. Whichever wins, the action is the
+// same.
+func Compile(in Input) (*Policy, error) {
+	b := builder{seen: make(map[netip.Prefix]struct{})}
+	p := &Policy{enableIPv6: in.EnableIPv6}
+	eff := DefaultConfig(in.AllReservedRanges)
+
+	switch {
+	case in.NoAgent && in.DisableDefaultSNAT:
+		b.add(allIPv4, SourceDisableDefaultSNAT, "")
+		b.add(allIPv6, SourceDisableDefaultSNAT, "")
+		p.notes = append(p.notes, "no masquerade agent and --disable-default-snat: the pod address is kept for every destination")
+	case in.NoAgent:
+		if err := b.addCIDRs(eff.NonMasqueradeCIDRs, SourceDefault); err != nil {
+			return nil, err
+		}
+	case in.UseEgressPolicies:
+		policies := slices.Clone(in.EgressPolicies)
+		slices.SortStableFunc(policies, func(x, y EgressPolicy) int { return strings.Compare(x.Name, y.Name) })
+		for _, ep := range policies {
+			for _, d := range ep.Destinations {
+				if err := checkPrefix(d); err != nil {
+					return nil, fmt.Errorf("%s %q: %w", EgressPolicyKind, ep.Name, err)
+				}
+				b.add(d, SourceEgressPolicy, ep.Name)
+			}
+		}
+		eff.ResyncInterval, eff.CIDRLimit, eff.CustomCIDRs = in.Config.ResyncInterval, in.Config.CIDRLimit, true
+		if in.Config.CustomCIDRs {
+			p.notes = append(p.notes, "egress policies replace the config file's nonMasqueradeCIDRs")
+		}
+		if in.Config.MasqLinkLocal || in.Config.MasqLinkLocalIPv6 {
+			p.notes = append(p.notes, "masqLinkLocal and masqLinkLocalIPv6 are ignored with egress policies: link-local destinations are never masqueraded, as on Autopilot")
+		}
+	default:
+		prefixes, err := in.Config.prefixes(in.EnableIPv6)
+		if err != nil {
+			return nil, err
+		}
+		src := SourceDefault
+		if in.Config.CustomCIDRs {
+			src = SourceConfig
+		}
+		for _, pr := range prefixes {
+			b.add(pr, src, "")
+		}
+		eff = in.Config
+	}
+	if in.NoAgent {
+		p.notes = append(p.notes, "no masquerade agent (--agent=false): the config file is not read, since no agent would read it")
+		if in.UseEgressPolicies {
+			p.notes = append(p.notes, "no masquerade agent (--agent=false): egress policies are not applied, since no agent would apply them")
+		}
+	} else if in.DisableDefaultSNAT {
+		p.notes = append(p.notes, "--disable-default-snat has no effect while the masquerade agent runs (as GKE documents)")
+	}
+
+	for _, c := range in.ClusterCIDRs {
+		if err := checkPrefix(c); err != nil {
+			return nil, fmt.Errorf("cluster CIDR: %w", err)
+		}
+		b.add(c, SourceCluster, "")
+	}
+
+	// The link-local ranges are implicit: they belong in the table but not in
+	// the effective nonMasqueradeCIDRs, which the masqLinkLocal flags stand
+	// for.
+	listed := len(b.decisions)
+	if !(in.NoAgent && in.DisableDefaultSNAT) {
+		if !eff.MasqLinkLocal {
+			b.add(LinkLocalIPv4, SourceLinkLocal, "")
+		}
+		if !eff.MasqLinkLocalIPv6 {
+			b.add(LinkLocalIPv6, SourceLinkLocal, "")
+		}
+	}
+	eff.NonMasqueradeCIDRs = make([]string, 0, listed)
+	for _, d := range b.decisions[:listed] {
+		eff.NonMasqueradeCIDRs = append(eff.NonMasqueradeCIDRs, d.Prefix.String())
+	}
+	p.effective = eff
+
+	table, err := lpm.Compile(b.prefixes)
+	if err != nil {
+		return nil, fmt.Errorf("compile prefixes: %w", err)
+	}
+	p.table = table
+	p.decisions = b.decisions
+	p.nonMasq4, p.nonMasq6 = aggregate(b.prefixes)
+	if !p.enableIPv6 {
+		p.nonMasq6 = []netip.Prefix{allIPv6}
+	}
+	p.hash = hashDecisions(b.decisions, p.enableIPv6)
+	return p, nil
+}
+
+// builder collects the table's entries, first occurrence of a prefix wins.
+type builder struct {
+	seen      map[netip.Prefix]struct{}
+	prefixes  []netip.Prefix
+	decisions []Decision
+}
+
+func (b *builder) add(p netip.Prefix, src Source, origin string) {
+	if _, dup := b.seen[p]; dup {
+		return
+	}
+	b.seen[p] = struct{}{}
+	b.prefixes = append(b.prefixes, p)
+	b.decisions = append(b.decisions, Decision{Action: Passthrough, Prefix: p, Source: src, Origin: origin})
+}
+
+func (b *builder) addCIDRs(cidrs []string, src Source) error {
+	for _, s := range cidrs {
+		p, err := parseCIDR(s)
+		if err != nil {
+			return err
+		}
+		b.add(p, src, "")
+	}
+	return nil
+}
+
+// Decide returns the Decision for a flow to dst. It does not allocate.
+// IPv4 and IPv6 are strict: an IPv4-mapped IPv6 address is IPv6. The zero
+// Addr matches nothing and is masqueraded.
+func (p *Policy) Decide(dst netip.Addr) Decision {
+	if dst.Is6() && !p.enableIPv6 {
+		return ipv6Disabled
+	}
+	if i := p.table.Lookup(dst); i != lpm.NoMatch {
+		return p.decisions[i]
+	}
+	return masquerade
+}
+
+// IPv6Enabled reports whether IPv6 destinations can be masqueraded at all.
+func (p *Policy) IPv6Enabled() bool { return p.enableIPv6 }
+
+// Len returns the number of compiled non-masquerade prefixes.
+func (p *Policy) Len() int { return len(p.decisions) }
+
+// Hash identifies the effective decision table: every prefix with its
+// source and origin, and whether IPv6 is enabled. Equal hashes mean
+// Decide answers identically. It is the first 16 hex digits of a SHA-256.
+func (p *Policy) Hash() string { return p.hash }
+
+// NonMasquerade returns, for one address family, the destinations the
+// kernel fallback must leave unmasqueraded: canonical, sorted, with
+// prefixes inside another one dropped. Link-local is included when it is not
+// masqueraded; everything (0.0.0.0/0 or ::/0) when nothing is, including
+// all of IPv6 when IPv6 is not enabled. The caller owns the slice.
+func (p *Policy) NonMasquerade(v6 bool) []netip.Prefix {
+	if v6 {
+		return slices.Clone(p.nonMasq6)
+	}
+	return slices.Clone(p.nonMasq4)
+}
+
+// Effective returns the configuration in force, in the config file's
+// terms: NonMasqueradeCIDRs after defaults, egress policies and cluster
+// ranges (canonical, first occurrence kept, link-local left to the
+// MasqLinkLocal flags). The caller owns the result.
+func (p *Policy) Effective() Config {
+	c := p.effective
+	c.NonMasqueradeCIDRs = slices.Clone(c.NonMasqueradeCIDRs)
+	return c
+}
+
+// Notes explains choices that the Input made without saying so, for the
+// operator: flags without effect, files not read. The caller owns the
+// slice.
+func (p *Policy) Notes() []string { return slices.Clone(p.notes) }
+
+// aggregate splits prefixes by family, sorts them and drops those inside
+// another one; all of them are passthrough, so the dropped ones add
+// nothing.
+func aggregate(prefixes []netip.Prefix) (v4, v6 []netip.Prefix) {
+	sorted := slices.Clone(prefixes)
+	slices.SortFunc(sorted, comparePrefix)
+	for _, pr := range sorted {
+		out := &v4
+		if pr.Addr().Is6() {
+			out = &v6
+		}
+		if n := len(*out); n > 0 && (*out)[n-1].Contains(pr.Addr()) {
+			continue
+		}
+		*out = append(*out, pr)
+	}
+	return v4, v6
+}
+
+// comparePrefix orders by family, address, then shorter prefix first, so a
+// covering prefix comes before everything it covers.
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
+}
+
+func hashDecisions(decisions []Decision, enableIPv6 bool) string {
+	sorted := slices.Clone(decisions)
+	slices.SortFunc(sorted, func(a, b Decision) int { return comparePrefix(a.Prefix, b.Prefix) })
+	h := sha256.New()
+	fmt.Fprintf(h, "nfmasq policy v1 ipv6=%t\n", enableIPv6)
+	for _, d := range sorted {
+		fmt.Fprintf(h, "%s %s %s %q\n", d.Prefix, d.Action, d.Source, d.Origin)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
+}
