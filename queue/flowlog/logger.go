@@ -1,0 +1,461 @@
+package flowlog
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Defaults for Options fields left zero.
+const (
+	DefaultBuffer        = 16384
+	DefaultMaxFileMB     = 100
+	DefaultMaxFiles      = 5
+	DefaultCheckInterval = time.Second
+	DefaultCloseTimeout  = 5 * time.Second
+)
+
+// batchBytes bounds one write to the sink: large enough to amortise the
+// system call, small enough that a failed write loses few records and
+// that lumberjack never refuses it (its minimum file size is 1 MB).
+const batchBytes = 64 << 10
+
+// Options configure a Logger.
+type Options struct {
+	// Sink is where records go (see ParseSink).
+	Sink Sink
+	// Writer, when set, receives the records instead of Sink. The Logger
+	// never closes it. For tests and for embedding.
+	Writer io.Writer
+	// Node is written in every record that does not name one.
+	Node string
+	// Buffer is how many records may wait for the writer (DefaultBuffer).
+	Buffer int
+	// Sample keeps one decision record in Sample (0 and 1 keep all).
+	// Flow-end, fallback and gap records are never sampled.
+	Sample uint32
+	// Ceiling caps the records per second reaching the buffer, with a
+	// burst of one second's worth; 0 means no ceiling.
+	Ceiling int
+	// MaxFileMB is the size at which a file sink rotates (DefaultMaxFileMB).
+	MaxFileMB int
+	// MaxFiles is how many rotated files a file sink keeps (DefaultMaxFiles).
+	MaxFiles int
+	// CheckInterval is how often an idle writer looks for losses to report
+	// and whether the log file was deleted (DefaultCheckInterval).
+	CheckInterval time.Duration
+	// CloseTimeout bounds how long Close waits for a stalled sink
+	// (DefaultCloseTimeout).
+	CloseTimeout time.Duration
+}
+
+// Stats is a snapshot of a Logger's counters, for metrics.
+type Stats struct {
+	// Written counts records written to the sink, by kind.
+	Written [NumKinds]uint64
+	// Dropped counts records not written, by reason and kind. A gap record
+	// that fails to write is not counted: it is retried until written. One
+	// written to a file later found deleted is (ReasonFileDeleted), so the
+	// next gap record says that an earlier one was lost.
+	Dropped [NumReasons][NumKinds]uint64
+	// WriteErrors counts failed writes to the sink (each may hold many records).
+	WriteErrors uint64
+	// LastWriteError is the text of the most recent write error, if any.
+	LastWriteError string
+	// Buffered is the number of records waiting for the writer.
+	Buffered int
+}
+
+// Lost returns the number of records of kind k that are a hole in the trail.
+func (s *Stats) Lost(k Kind) uint64 {
+	var n uint64
+	for r := range Reason(NumReasons) {
+		if r.Lost() {
+			n += s.Dropped[r][k]
+		}
+	}
+	return n
+}
+
+// Logger sends records to a sink through a bounded buffer. See the package
+// documentation for its concurrency guarantees.
+type Logger struct {
+	off     bool
+	node    string
+	sample  uint64
+	limiter *rate.Limiter
+	ch      chan Record
+
+	// mu orders Log against Close: Log holds it shared while it sends, so
+	// once Close holds it exclusively no record can slip into the buffer
+	// unseen by the final drain.
+	mu     sync.RWMutex
+	closed bool
+
+	decisions   atomic.Uint64
+	dropped     [NumReasons][NumKinds]atomic.Uint64
+	written     [NumKinds]atomic.Uint64
+	writeErrors atomic.Uint64
+	lastErr     atomic.Pointer[string]
+
+	stop      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+	closeErr  error
+
+	w w
+}
+
+// w is the writer goroutine's state, touched by no other goroutine until
+// it has exited.
+type w struct {
+	sink         io.Writer
+	closer       io.Closer
+	file         string // path of a file sink, checked for deletion
+	checkEvery   time.Duration
+	closeTimeout time.Duration
+
+	buf  []byte
+	ends []lineEnd
+	// partial is set when a failed write left half a line in the sink; the
+	// next write starts with a newline so the following records parse.
+	partial bool
+	// reported is the loss already described by gap records.
+	reported [NumReasons][NumKinds]uint64
+	// clean is the last time the writer saw no unreported loss: the start
+	// of the next gap's interval.
+	clean time.Time
+	// sinceCheck counts records written to the file since it was last seen
+	// to exist, by kind.
+	sinceCheck [NumKinds]uint64
+}
+
+type lineEnd struct {
+	end  int
+	kind Kind
+}
+
+// New starts a Logger and its writer goroutine. Call Close to stop it.
+func New(opts Options) (*Logger, error) {
+	l := &Logger{node: opts.Node}
+	if opts.Writer == nil && opts.Sink.Kind == SinkOff {
+		l.off = true
+		return l, nil
+	}
+	if opts.Buffer < 0 || opts.Ceiling < 0 || opts.MaxFileMB < 0 || opts.MaxFiles < 0 || opts.CheckInterval < 0 || opts.CloseTimeout < 0 {
+		return nil, errors.New("flow log options must not be negative")
+	}
+	l.w.checkEvery = orDefault(opts.CheckInterval, DefaultCheckInterval)
+	l.w.closeTimeout = orDefault(opts.CloseTimeout, DefaultCloseTimeout)
+	opts.MaxFileMB = orDefault(opts.MaxFileMB, DefaultMaxFileMB)
+	opts.MaxFiles = orDefault(opts.MaxFiles, DefaultMaxFiles)
+	if opts.Writer != nil {
+		l.w.sink = opts.Writer
+	} else {
+		sink, closer, err := openSink(opts.Sink, &opts)
+		if err != nil {
+			return nil, err
+		}
+		l.w.sink, l.w.closer = sink, closer
+		if opts.Sink.Kind == SinkFile {
+			l.w.file = opts.Sink.Path
+		}
+	}
+	if opts.Sample > 1 {
+		l.sample = uint64(opts.Sample)
+	}
+	if opts.Ceiling > 0 {
+		l.limiter = rate.NewLimiter(rate.Limit(opts.Ceiling), opts.Ceiling)
+	}
+	l.ch = make(chan Record, orDefault(opts.Buffer, DefaultBuffer))
+	l.w.buf = make([]byte, 1, batchBytes+4096)
+	l.w.clean = time.Now()
+	l.stop = make(chan struct{})
+	l.done = make(chan struct{})
+	go l.run()
+	return l, nil
+}
+
+func orDefault[T int | time.Duration](v, def T) T {
+	if v == 0 {
+		return def
+	}
+	return v
+}
+
+// Log queues r for writing and returns at once. It never blocks and does
+// not allocate: when the record is sampled out, over the ceiling or finds
+// the buffer full, it is counted as dropped instead. Records of kind
+// KindGap or of unknown kinds are ignored: gap records are the Logger's own.
+func (l *Logger) Log(r Record) {
+	if l.off || r.Kind >= KindGap {
+		return
+	}
+	if r.Kind == KindDecision && l.sample > 1 {
+		if (l.decisions.Add(1)-1)%l.sample != 0 {
+			l.dropped[ReasonSampled][r.Kind].Add(1)
+			return
+		}
+		r.Sample = uint32(l.sample)
+	}
+	if l.limiter != nil && !l.limiter.Allow() {
+		l.dropped[ReasonRateLimit][r.Kind].Add(1)
+		return
+	}
+	if r.Time.IsZero() {
+		r.Time = time.Now()
+	}
+	l.mu.RLock()
+	if l.closed {
+		l.mu.RUnlock()
+		l.dropped[ReasonClosed][r.Kind].Add(1)
+		return
+	}
+	select {
+	case l.ch <- r:
+	default:
+		l.dropped[ReasonOverflow][r.Kind].Add(1)
+	}
+	l.mu.RUnlock()
+}
+
+// ReportLost counts n records of kind k lost elsewhere for reason r (the
+// conntrack listener's overruns, for instance), so that the next gap record
+// reports them. It never blocks.
+func (l *Logger) ReportLost(r Reason, k Kind, n uint64) {
+	if l.off || r >= NumReasons || k >= NumKinds {
+		return
+	}
+	l.dropped[r][k].Add(n)
+}
+
+// Stats returns a snapshot of the counters.
+func (l *Logger) Stats() Stats {
+	var s Stats
+	if l.off {
+		return s
+	}
+	for k := range Kind(NumKinds) {
+		s.Written[k] = l.written[k].Load()
+		for r := range Reason(NumReasons) {
+			s.Dropped[r][k] = l.dropped[r][k].Load()
+		}
+	}
+	s.WriteErrors = l.writeErrors.Load()
+	if p := l.lastErr.Load(); p != nil {
+		s.LastWriteError = *p
+	}
+	s.Buffered = len(l.ch)
+	return s
+}
+
+// Close stops accepting records, writes what is buffered and a last gap
+// record if anything was lost, and closes the sink. If the sink does not
+// drain within Options.CloseTimeout, Close counts what is still buffered
+// as dropped (ReasonClosed) and returns an error; the writer goroutine
+// then stays blocked in the sink's Write until it returns.
+func (l *Logger) Close() error {
+	if l.off {
+		return nil
+	}
+	l.closeOnce.Do(func() {
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
+		close(l.stop)
+		timer := time.NewTimer(l.w.closeTimeout)
+		defer timer.Stop()
+		select {
+		case <-l.done:
+			if l.w.closer != nil {
+				l.closeErr = l.w.closer.Close()
+			}
+		case <-timer.C:
+			n := 0
+			for {
+				select {
+				case r := <-l.ch:
+					l.dropped[ReasonClosed][r.Kind].Add(1)
+					n++
+					continue
+				default:
+				}
+				break
+			}
+			l.closeErr = fmt.Errorf("flow log sink did not drain in %v: %d buffered records dropped", l.w.closeTimeout, n)
+		}
+	})
+	return l.closeErr
+}
+
+func (l *Logger) run() {
+	defer close(l.done)
+	tick := time.NewTicker(l.w.checkEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case r := <-l.ch:
+			l.writeBatch(r)
+		case <-tick.C:
+			l.checkFile()
+			l.writeGap()
+		case <-l.stop:
+			for {
+				select {
+				case r := <-l.ch:
+					l.writeBatch(r)
+					continue
+				default:
+				}
+				l.checkFile()
+				l.writeGap()
+				return
+			}
+		}
+	}
+}
+
+// writeBatch encodes first and whatever else is already buffered, up to
+// batchBytes, writes it in one call, then reports any loss.
+func (l *Logger) writeBatch(first Record) {
+	l.add(&first)
+	for len(l.w.buf) < batchBytes {
+		select {
+		case r := <-l.ch:
+			l.add(&r)
+			continue
+		default:
+		}
+		break
+	}
+	l.flush()
+	l.writeGap()
+}
+
+func (l *Logger) add(r *Record) {
+	if r.Node == "" {
+		r.Node = l.node
+	}
+	l.w.buf = AppendJSON(l.w.buf, r)
+	l.w.ends = append(l.w.ends, lineEnd{end: len(l.w.buf), kind: r.Kind})
+}
+
+// flush writes the batch. buf[0] is reserved for the newline that ends a
+// partial line left by a previous failed write.
+func (l *Logger) flush() {
+	out := l.w.buf[1:]
+	skip := 1
+	if l.w.partial {
+		l.w.buf[0] = '\n'
+		out, skip = l.w.buf, 0
+	}
+	n, _ := l.write(out)
+	n += skip
+	for _, e := range l.w.ends {
+		if e.end <= n {
+			l.written[e.kind].Add(1)
+			l.w.sinceCheck[e.kind]++
+		} else {
+			l.dropped[ReasonWriteError][e.kind].Add(1)
+		}
+	}
+	l.w.buf = l.w.buf[:1]
+	l.w.ends = l.w.ends[:0]
+}
+
+// write writes p to the sink and records the outcome of the call.
+func (l *Logger) write(p []byte) (int, error) {
+	n, err := l.w.sink.Write(p)
+	if err == nil && n < len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		l.writeErrors.Add(1)
+		msg := err.Error()
+		l.lastErr.Store(&msg)
+		if n > 0 {
+			l.w.partial = p[n-1] != '\n'
+		}
+		return n, err
+	}
+	l.w.partial = false
+	return n, nil
+}
+
+// writeGap writes a gap record if losses happened since the last one. A
+// gap record that cannot be written is not lost: the next attempt reports
+// the same losses and more, over a longer interval.
+func (l *Logger) writeGap() {
+	now := time.Now()
+	var cur [NumReasons][NumKinds]uint64
+	changed := false
+	for r := range Reason(NumReasons) {
+		if !r.Lost() || r == ReasonClosed {
+			continue
+		}
+		for k := range Kind(NumKinds) {
+			cur[r][k] = l.dropped[r][k].Load()
+			changed = changed || cur[r][k] != l.w.reported[r][k]
+		}
+	}
+	if !changed {
+		l.w.clean = now
+		return
+	}
+	gap := Gap{Start: l.w.clean, End: now}
+	for r := range Reason(NumReasons) {
+		for k := range Kind(NumKinds) {
+			gap.Dropped[r][k] = cur[r][k] - l.w.reported[r][k]
+		}
+	}
+	rec := Record{Kind: KindGap, Time: now, Node: l.node, Gap: &gap}
+	line := l.w.buf[:1]
+	if l.w.partial {
+		line[0] = '\n'
+	} else {
+		line = line[:0]
+	}
+	line = AppendJSON(line, &rec)
+	if _, err := l.write(line); err != nil {
+		return
+	}
+	l.written[KindGap].Add(1)
+	l.w.sinceCheck[KindGap]++
+	l.w.reported = cur
+	l.w.clean = now
+}
+
+// checkFile notices a log file deleted under the writer, which would
+// otherwise swallow every later record into an unlinked inode: the records
+// written since the file was last seen are counted as lost and the file is
+// reopened.
+func (l *Logger) checkFile() {
+	if l.w.file == "" {
+		return
+	}
+	_, err := os.Stat(l.w.file)
+	if !errors.Is(err, fs.ErrNotExist) {
+		l.w.sinceCheck = [NumKinds]uint64{}
+		return
+	}
+	for k, n := range l.w.sinceCheck {
+		if n > 0 {
+			l.dropped[ReasonFileDeleted][k].Add(n)
+		}
+	}
+	l.w.sinceCheck = [NumKinds]uint64{}
+	if r, ok := l.w.sink.(interface{ Rotate() error }); ok {
+		if err := r.Rotate(); err != nil {
+			l.writeErrors.Add(1)
+			msg := err.Error()
+			l.lastErr.Store(&msg)
+		}
+	}
+}

@@ -1,0 +1,224 @@
+package flowlog
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+)
+
+func TestParseSink(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    Sink
+		wantErr string
+	}{
+		{in: "stdout", want: Sink{Kind: SinkStdout}},
+		{in: "off", want: Sink{Kind: SinkOff}},
+		{in: "file:/var/log/nfmasq/flows.log", want: Sink{Kind: SinkFile, Path: "/var/log/nfmasq/flows.log"}},
+		{in: "file:/var/log//nfmasq/./flows.log", want: Sink{Kind: SinkFile, Path: "/var/log/nfmasq/flows.log"}},
+		{in: "file:flows.log", want: Sink{Kind: SinkFile, Path: "flows.log"}},
+		{in: "", wantErr: "empty flow log sink"},
+		{in: "file:", wantErr: "needs a path"},
+		{in: "file:/var/log/", wantErr: "names a directory"},
+		{in: "file:/var/log/..", wantErr: "names a directory"},
+		{in: "file:/a\x00b", wantErr: "NUL"},
+		{in: "stderr", wantErr: `unknown flow log sink "stderr"`},
+		{in: "STDOUT", wantErr: "unknown flow log sink"},
+		{in: "/var/log/flows.log", wantErr: "want stdout, file:PATH or off"},
+	}
+	for _, tt := range tests {
+		got, err := ParseSink(tt.in)
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("ParseSink(%q) error = %v, want one containing %q", tt.in, err, tt.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != tt.want {
+			t.Errorf("ParseSink(%q) = %+v, %v; want %+v", tt.in, got, err, tt.want)
+		}
+		if round, err := ParseSink(got.String()); err != nil || round != got {
+			t.Errorf("ParseSink(%q.String()) = %+v, %v", tt.in, round, err)
+		}
+	}
+}
+
+func TestFileSinkStartupErrors(t *testing.T) {
+	dir := t.TempDir()
+	blocker := filepath.Join(dir, "file")
+	if err := os.WriteFile(blocker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A path under a regular file can never be created.
+	if _, err := New(Options{Sink: Sink{Kind: SinkFile, Path: filepath.Join(blocker, "flows.log")}}); err == nil {
+		t.Fatal("New accepted a log path under a regular file")
+	}
+	if _, err := New(Options{Sink: Sink{Kind: SinkFile, Path: filepath.Join(dir, "x")}, Buffer: -1}); err == nil {
+		t.Fatal("New accepted a negative buffer")
+	}
+}
+
+func readDir(t testing.TB, dir string) (names []string, all []byte) {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		info, err := e.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if perm := info.Mode().Perm(); perm != 0o600 {
+			t.Errorf("%s has mode %v, want 0600: flow records name pods and peers", e.Name(), perm)
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, e.Name())
+		all = append(all, b...)
+	}
+	return names, all
+}
+
+func TestFileRotation(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "flows.log")
+	l := newLogger(t, Options{Sink: Sink{Kind: SinkFile, Path: path}, MaxFileMB: 1, MaxFiles: 2, Buffer: 1 << 15})
+	const n = 14000 // about 3.5 MB of decision records: three rotations
+	for i := range n {
+		l.Log(decision(i))
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := l.Stats(); st.Written[KindDecision] != n {
+		t.Fatalf("wrote %d of %d records: %+v", st.Written[KindDecision], n, st)
+	}
+	// lumberjack removes old files in its own goroutine after a rotation.
+	var names []string
+	eventually(t, "rotation to keep the log and 2 backups", func() bool {
+		names, _ = readDir(t, dir)
+		return len(names) == 3
+	})
+	_, all := readDir(t, dir)
+	recs := parseLines(t, all)
+	if len(recs) == 0 || len(recs) >= n {
+		t.Errorf("%d records kept in %v, want some but fewer than %d", len(recs), names, n)
+	}
+	for _, name := range names {
+		info, _ := os.Stat(filepath.Join(dir, name))
+		if info.Size() > 1<<20 {
+			t.Errorf("%s is %d bytes, over the 1 MB rotation size", name, info.Size())
+		}
+	}
+}
+
+func TestFileDeleted(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "flows.log")
+	// No periodic check: Close's final check is the one that notices.
+	l := newLogger(t, Options{Sink: Sink{Kind: SinkFile, Path: path}, CheckInterval: time.Hour})
+	for i := range 10 {
+		l.Log(decision(i))
+	}
+	eventually(t, "10 records written", func() bool { return l.Stats().Written[KindDecision] == 10 })
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		l.Log(decision(i))
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st := l.Stats()
+	// All 15 count: the Logger cannot tell which reached the file before
+	// the deletion, so the figure is an upper bound.
+	if got := st.Dropped[ReasonFileDeleted][KindDecision]; got != 15 {
+		t.Errorf("file_deleted = %d, want 15", got)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("log file not recreated: %v", err)
+	}
+	recs := parseLines(t, b)
+	if len(recs) != 1 || gapTotals(recs)["file_deleted"] != 15 {
+		t.Errorf("recreated file holds %s, want one gap record for 15 decisions", b)
+	}
+}
+
+// TestDiskFull fills a tiny tmpfs: writes fail (some half way), the loss is
+// counted, and once space returns the log resumes with a gap record.
+func TestDiskFull(t *testing.T) {
+	netnstest.Require(t, "mount", "umount")
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "nfmasq-flowlog-test", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	path := filepath.Join(dir, "flows.log")
+	l := newLogger(t, Options{Sink: Sink{Kind: SinkFile, Path: path}, CheckInterval: 5 * time.Millisecond})
+	sent := 0
+	for l.Stats().WriteErrors == 0 {
+		if sent > 10000 {
+			t.Fatalf("no write error after %d records on a 64 KiB file system", sent)
+		}
+		for range 100 {
+			l.Log(decision(sent))
+			sent++
+		}
+		eventually(t, "the batch to be written or lost", func() bool {
+			st := l.Stats()
+			return int(st.Written[KindDecision]+st.Lost(KindDecision)) == sent
+		})
+	}
+	if out, err := exec.Command("mount", "-o", "remount,size=4m", dir).CombinedOutput(); err != nil {
+		t.Fatalf("remount: %v: %s", err, out)
+	}
+	for range 10 {
+		l.Log(decision(sent))
+		sent++
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var good []byte
+	bad := 0
+	for line := range bytes.Lines(b) {
+		if json.Valid(line) {
+			good = append(good, line...)
+		} else {
+			bad++
+		}
+	}
+	if bad > 1 {
+		t.Errorf("%d broken lines; a full disk may cut one line short, no more", bad)
+	}
+	recs := parseLines(t, good)
+	st := l.Stats()
+	lost := st.Dropped[ReasonWriteError][KindDecision]
+	if uint64(count(recs, "decision")) != st.Written[KindDecision] || st.Written[KindDecision]+lost != uint64(sent) {
+		t.Errorf("%d decision lines, %d written, %d lost, %d sent", count(recs, "decision"), st.Written[KindDecision], lost, sent)
+	}
+	if gapTotals(recs)["write_error"] != lost {
+		t.Errorf("gap records report %v, want %d write errors", gapTotals(recs), lost)
+	}
+	t.Logf("sent %d, written %d, lost to ENOSPC %d (%d failed writes): %s", sent, st.Written[KindDecision], lost, st.WriteErrors, st.LastWriteError)
+}
