@@ -21,9 +21,9 @@ var (
 		"decision": {
 			{
 				Kind: KindDecision, Time: t0, Node: "node-a", Proto: 6,
-				Src:    netip.MustParseAddrPort("10.244.0.2:40112"),
-				Dst:    netip.MustParseAddrPort("10.200.0.10:443"),
-				Pod:    "default/web-5d9c7", Action: "passthrough",
+				Src: netip.MustParseAddrPort("10.244.0.2:40112"),
+				Dst: netip.MustParseAddrPort("10.200.0.10:443"),
+				Pod: "default/web-5d9c7", Action: "passthrough",
 				Prefix: netip.MustParsePrefix("10.0.0.0/8"), Source: "config",
 				PolicyHash: "sha256:3f1a9c", PolicyGeneration: 4, Queue: 1, Latency: 12345 * time.Nanosecond,
 			},
@@ -36,9 +36,9 @@ var (
 			},
 			{
 				Kind: KindDecision, Time: t0, Node: "node-a", Proto: 1,
-				Src:    netip.MustParseAddrPort("10.244.0.2:0"),
-				Dst:    netip.MustParseAddrPort("11.0.0.10:0"),
-				Pod:    "prod/api-0", Action: "passthrough",
+				Src: netip.MustParseAddrPort("10.244.0.2:0"),
+				Dst: netip.MustParseAddrPort("11.0.0.10:0"),
+				Pod: "prod/api-0", Action: "passthrough",
 				Prefix: netip.MustParsePrefix("11.0.0.0/24"), Source: "egress-policy", Origin: "keep-source-for-partner",
 				PolicyHash: "sha256:3f1a9c", PolicyGeneration: 5, Queue: 3, Latency: 31 * time.Microsecond,
 			},
@@ -46,9 +46,9 @@ var (
 		"end": {
 			{
 				Kind: KindEnd, Time: t0.Add(30 * time.Second), Node: "node-a", Proto: 17,
-				Src:    netip.MustParseAddrPort("10.244.0.2:53001"),
-				Dst:    netip.MustParseAddrPort("11.0.0.10:53"),
-				Pod:    "default/web-5d9c7", Action: "masquerade",
+				Src: netip.MustParseAddrPort("10.244.0.2:53001"),
+				Dst: netip.MustParseAddrPort("11.0.0.10:53"),
+				Pod: "default/web-5d9c7", Action: "masquerade",
 				Accounted: true, PacketsOrig: 1, BytesOrig: 61, PacketsReply: 1, BytesReply: 125,
 				Start: t0, Duration: 30*time.Second + 1500*time.Microsecond,
 				Xlate:       netip.MustParseAddrPort("192.168.77.1:61417"),
@@ -56,9 +56,9 @@ var (
 			},
 			{
 				Kind: KindEnd, Time: t0.Add(2 * time.Second), Node: "node-a", Proto: 6,
-				Src:    netip.MustParseAddrPort("[fd00:10:244::2]:40200"),
-				Dst:    netip.MustParseAddrPort("[fd00:200::10]:8080"),
-				Action: "passthrough",
+				Src:       netip.MustParseAddrPort("[fd00:10:244::2]:40200"),
+				Dst:       netip.MustParseAddrPort("[fd00:200::10]:8080"),
+				Action:    "passthrough",
 				Accounted: true, PacketsOrig: 6, BytesOrig: 500, PacketsReply: 4, BytesReply: 330,
 				Start: t0, Duration: 2 * time.Second, ConntrackID: 17,
 			},
@@ -66,9 +66,9 @@ var (
 		"fallback": {
 			{
 				Kind: KindFallback, Time: t0.Add(time.Minute), Node: "node-a", Proto: 6,
-				Src:    netip.MustParseAddrPort("10.244.0.7:38000"),
-				Dst:    netip.MustParseAddrPort("11.0.0.10:80"),
-				Pod:    "default/batch-x", Action: "masquerade", Source: "kernel-fallback",
+				Src: netip.MustParseAddrPort("10.244.0.7:38000"),
+				Dst: netip.MustParseAddrPort("11.0.0.10:80"),
+				Pod: "default/batch-x", Action: "masquerade", Source: "kernel-fallback",
 				Accounted: true, PacketsOrig: 10, BytesOrig: 1200, PacketsReply: 8, BytesReply: 9000,
 				Start: t0, Duration: time.Minute,
 				Xlate:       netip.MustParseAddrPort("192.168.77.1:1025"),
