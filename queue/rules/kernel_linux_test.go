@@ -1,0 +1,358 @@
+package rules
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+)
+
+// The kernel tests run the real tools inside a namespace of their own,
+// once per backend: the payloads must load, iptables-save must print our
+// rules back exactly as we wrote them (Verify depends on it), a second
+// install must change nothing, and uninstall must leave the namespace as
+// it found it.
+
+var kernelTools = []string{
+	"iptables-nft-restore", "iptables-nft-save", "ip6tables-nft-restore", "ip6tables-nft-save",
+	"iptables-legacy-restore", "iptables-legacy-save", "ip6tables-legacy-restore", "ip6tables-legacy-save",
+	"ipset", "conntrack",
+}
+
+var backends = []Backend{BackendNFT, BackendLegacy}
+
+// kernelNode is a namespace and an Installer working in it.
+type kernelNode struct {
+	ns *netnstest.NS
+	in *Installer
+}
+
+func newKernelNode(t *testing.T, ns *netnstest.NS, b Backend) *kernelNode {
+	t.Helper()
+	k := &kernelNode{ns: ns, in: &Installer{Runner: NetNSRunner{Name: ns.Name}, Backend: b}}
+	// What kubelet and kube-proxy would have put there first.
+	for _, fam := range []Family{IPv4, IPv6} {
+		if err := k.in.restore(context.Background(), fam, []byte(foreignRules)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return k
+}
+
+var (
+	counters  = regexp.MustCompile(`\[\d+:\d+\]`)
+	initval   = regexp.MustCompile(` initval 0x[0-9a-f]+`)
+	emptyBase = regexp.MustCompile(`^:(PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) ACCEPT \[0:0\]$`)
+)
+
+// state returns both families' full rule sets and every ipset with its
+// members, without timestamps and counters, and without tables that hold
+// nothing (nft creates a table on first use and keeps it empty).
+func (k *kernelNode) state(t *testing.T) string {
+	t.Helper()
+	ctx := context.Background()
+	var b strings.Builder
+	for _, fam := range []Family{IPv4, IPv6} {
+		save, err := k.in.save(ctx, fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&b, "## %s\n", fam)
+		var table []string
+		for line := range strings.Lines(counters.ReplaceAllString(save, "[0:0]")) {
+			line = strings.TrimSuffix(line, "\n")
+			switch {
+			case strings.HasPrefix(line, "#"):
+			case line == "COMMIT":
+				if slices.ContainsFunc(table[1:], func(l string) bool { return !emptyBase.MatchString(l) }) {
+					b.WriteString(strings.Join(table, "\n") + "\nCOMMIT\n")
+				}
+				table = nil
+			default:
+				table = append(table, line)
+			}
+		}
+	}
+	sets, err := k.in.listSets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range sets {
+		out, err := k.in.Runner.Run(ctx, nil, "ipset", "save", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// initval is random per set, and so is the order of members.
+		lines := strings.Split(strings.TrimSpace(initval.ReplaceAllString(string(out), "")), "\n")
+		slices.Sort(lines[1:])
+		b.WriteString(strings.Join(lines, "\n") + "\n")
+	}
+	return b.String()
+}
+
+func kernelConfig(t testing.TB) Config {
+	cfg := testConfig(t)
+	dualStack(t, &cfg)
+	return cfg
+}
+
+func TestKernelInstallVerifyUninstall(t *testing.T) {
+	netnstest.Require(t, kernelTools...)
+	ctx := context.Background()
+	for _, b := range backends {
+		for _, tt := range []struct {
+			name string
+			edit func(*Config)
+		}{
+			{"rules", func(*Config) {}},
+			{"ipset 5000", func(c *Config) { c.NonMasquerade4 = manyPrefixes(t, 5000) }},
+			{"ipset dual-stack", func(c *Config) { c.IPSetThreshold = 1 }},
+			{"default route, 2 queues", func(c *Config) { c.NonMasquerade4 = prefixes(t, "0.0.0.0/0"); c.Queues = 2 }},
+			{"kernel-only", func(c *Config) { c.QueueEnabled = false }},
+		} {
+			t.Run(string(b)+"/"+tt.name, func(t *testing.T) {
+				k := newKernelNode(t, netnstest.New(t, "rules"), b)
+				pristine := k.state(t)
+				cfg := kernelConfig(t)
+				tt.edit(&cfg)
+
+				if err := k.in.Install(ctx, cfg); err != nil {
+					t.Fatal(err)
+				}
+				// iptables-save prints our rules exactly as written.
+				if err := k.in.Check(ctx, cfg); err != nil {
+					t.Fatalf("Check right after Install: %v", err)
+				}
+				installed := k.state(t)
+				for _, fam := range cfg.families() {
+					var want []string
+					for _, tb := range layout(&cfg, fam) {
+						for _, c := range tb.chains {
+							for _, r := range c.rules {
+								want = append(want, "-A "+c.name+" "+r)
+							}
+						}
+					}
+					for _, line := range want {
+						if !strings.Contains(installed, line+"\n") {
+							t.Errorf("%s: iptables-save does not print %q back verbatim", fam, line)
+						}
+					}
+				}
+
+				if err := k.in.Install(ctx, cfg); err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(installed, k.state(t)); diff != "" {
+					t.Errorf("second Install changed the rules (-first +second):\n%s", diff)
+				}
+
+				// Someone flushes the fallback: Check notices, Install repairs.
+				k.ns.Run(t, "iptables-"+string(b), "-w", "-t", "nat", "-F", ChainFallback)
+				if err := k.in.Check(ctx, cfg); !errors.Is(err, ErrRulesChanged) {
+					t.Fatalf("Check after flushing %s = %v, want ErrRulesChanged", ChainFallback, err)
+				}
+				if err := k.in.Install(ctx, cfg); err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(installed, k.state(t)); diff != "" {
+					t.Errorf("repair differs from the first install (-first +repaired):\n%s", diff)
+				}
+
+				if err := k.in.Uninstall(ctx); err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(pristine, k.state(t)); diff != "" {
+					t.Errorf("Uninstall left state behind (-pristine +after):\n%s", diff)
+				}
+			})
+		}
+	}
+}
+
+func TestKernelCheckDetectsSetChange(t *testing.T) {
+	netnstest.Require(t, kernelTools...)
+	ctx := context.Background()
+	k := newKernelNode(t, netnstest.New(t, "rules"), BackendNFT)
+	cfg := kernelConfig(t)
+	cfg.IPSetThreshold = 1
+	if err := k.in.Install(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	k.ns.Run(t, "ipset", "del", SetName(IPv6), "fd00::/8")
+	if err := k.in.Check(ctx, cfg); !errors.Is(err, ErrRulesChanged) {
+		t.Fatalf("Check after removing a set entry = %v, want ErrRulesChanged", err)
+	}
+	if err := k.in.Install(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.in.Check(ctx, cfg); err != nil {
+		t.Fatalf("Check after repair: %v", err)
+	}
+}
+
+// TestKernelDecisions sends traffic through a node with the rules and no
+// agent. A mangle rule after our restore stands in for the agent's verdict
+// mark on some destinations; everything else reaches the queue, finds no
+// listener, passes (--queue-bypass) and is decided by the fallback. The
+// remote host's view of the source is the assertion.
+func TestKernelDecisions(t *testing.T) {
+	netnstest.Require(t, kernelTools...)
+	for _, b := range backends {
+		for _, tt := range []struct {
+			name string
+			edit func(*Config)
+		}{
+			{"rules", func(*Config) {}},
+			{"ipset", func(c *Config) { c.IPSetThreshold = 0 }},
+			{"kernel-only", func(c *Config) { c.QueueEnabled = false }},
+		} {
+			t.Run(string(b)+"/"+tt.name, func(t *testing.T) {
+				testDecisions(t, b, tt.edit)
+			})
+		}
+	}
+}
+
+func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	top := netnstest.NewTopology(t)
+	k := &kernelNode{ns: top.Node, in: &Installer{Runner: NetNSRunner{Name: top.Node.Name}, Backend: b}}
+
+	cfg := DefaultConfig()
+	cfg.EnableIPv6 = true
+	cfg.PodCIDRs = []netip.Prefix{netnstest.PodCIDR4, netnstest.PodCIDR6}
+	cfg.NonMasquerade4 = prefixes(t, ipMasqAgentDefaults...)
+	cfg.NonMasquerade6 = prefixes(t, "fd00::/8")
+	edit(&cfg)
+	if err := k.in.Install(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+
+	const port = 7777
+	node := map[bool]netip.Addr{false: netnstest.NodeAddr4, true: netnstest.NodeAddr6}
+	pod := map[bool]netip.Addr{false: netnstest.PodAddr4, true: netnstest.PodAddr6}
+	type want struct {
+		dst  netip.Addr
+		mark uint32 // the agent's stand-in verdict; 0 leaves the flow to the fallback
+		masq bool
+	}
+	wants := []want{
+		{netnstest.LinkLocal4, 0, false},
+		{netnstest.CGNAT4, 0, true},
+		{netnstest.Internal6, 0, false},
+	}
+	if cfg.QueueEnabled {
+		// A verdict wins over what the fallback would decide.
+		wants = append(wants,
+			want{netnstest.Internal4, cfg.Mark.Masquerade, true},
+			want{netnstest.Internet4, cfg.Mark.Passthrough, false},
+			want{netnstest.Internet6, cfg.Mark.Passthrough, false})
+	} else {
+		wants = append(wants,
+			want{netnstest.Internal4, 0, false},
+			want{netnstest.Internet4, 0, true},
+			want{netnstest.Internet6, 0, true})
+	}
+	for _, w := range wants {
+		if w.mark == 0 {
+			continue
+		}
+		tool := "iptables-" + string(b)
+		if w.dst.Is6() {
+			tool = "ip6tables-" + string(b)
+		}
+		k.ns.Run(t, tool, "-w", "-t", "mangle", "-A", "PREROUTING", "-d", w.dst.String(),
+			"-j", "MARK", "--set-xmark", fmt.Sprintf("%#x/%#x", w.mark, cfg.Mark.Mask))
+	}
+
+	sink, err := netnstest.StartSink(top.Remote, netnstest.Destinations, port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+
+	for _, w := range wants {
+		dst := netip.AddrPortFrom(w.dst, port)
+		for _, proto := range []string{"udp", "tcp"} {
+			var local netip.AddrPort
+			if proto == "udp" {
+				var ok bool
+				local, ok, err = netnstest.SendUDP(top.Pod, dst, []byte("x"), 3*time.Second)
+				if err == nil && !ok {
+					err = errors.New("no echo")
+				}
+			} else {
+				local, _, err = netnstest.SendTCP(top.Pod, dst, []byte("x"), 3*time.Second)
+			}
+			if err != nil {
+				t.Errorf("%s to %s: %v", proto, dst, err)
+				continue
+			}
+			if local.Addr() != pod[w.dst.Is6()] {
+				t.Fatalf("%s to %s left the pod from %s", proto, dst, local)
+			}
+			seen, err := sink.WaitFor(ctx, func(s []Seen) bool {
+				return slices.ContainsFunc(s, func(v Seen) bool {
+					return v.Proto == proto && v.Dst == dst && v.Src.Port() != 0 && sameFlow(v, local, node[w.dst.Is6()])
+				})
+			})
+			if err != nil {
+				t.Errorf("%s to %s (mark %#x): the remote never saw it: %v", proto, dst, w.mark, err)
+				continue
+			}
+			i := slices.IndexFunc(seen, func(v Seen) bool { return v.Proto == proto && v.Dst == dst && sameFlow(v, local, node[w.dst.Is6()]) })
+			src := seen[i].Src
+			wantSrc := pod[w.dst.Is6()]
+			if w.masq {
+				wantSrc = node[w.dst.Is6()]
+			}
+			if src.Addr() != wantSrc {
+				t.Errorf("%s to %s (mark %#x): remote saw source %s, want %s", proto, dst, w.mark, src.Addr(), wantSrc)
+			}
+			if w.masq && src.Port() < 32768 {
+				t.Errorf("%s to %s: masqueraded source port %d is outside --to-ports %s", proto, dst, src.Port(), cfg.ToPorts)
+			}
+		}
+		// The connmark records who decided: the verdict's mark, saved in
+		// mangle POSTROUTING, or the fallback's own mark.
+		wantMark := w.mark
+		if wantMark == 0 && cfg.QueueEnabled {
+			wantMark = cfg.Mark.Fallback
+		}
+		family := "ipv4"
+		if w.dst.Is6() {
+			family = "ipv6"
+		}
+		out := top.Node.Run(t, "conntrack", "-L", "-f", family, "-d", w.dst.String())
+		marks := regexp.MustCompile(`mark=(\d+)`).FindAllStringSubmatch(out, -1)
+		if len(marks) == 0 {
+			t.Errorf("no conntrack entry for %s:\n%s", w.dst, out)
+		}
+		for _, m := range marks {
+			if m[1] != fmt.Sprint(wantMark) {
+				t.Errorf("conntrack mark for %s is %s, want %d (%#x)", w.dst, m[1], wantMark, wantMark)
+			}
+		}
+	}
+}
+
+// Seen is the sink's record, aliased for brevity in predicates.
+type Seen = netnstest.Seen
+
+// sameFlow reports whether the remote's record belongs to the flow sent
+// from local: either unchanged, or masqueraded to the node address (the
+// port may change, so any record from the node matches once per test
+// destination and protocol).
+func sameFlow(v Seen, local netip.AddrPort, node netip.Addr) bool {
+	return v.Src == local || v.Src.Addr() == node
+}
