@@ -19,6 +19,13 @@ const (
 // net.ParseCIDR rather than netip.ParsePrefix decides what is accepted, so a
 // file upstream accepts (for example "10.0.0.0/08") is accepted here too.
 func parseCIDR(s string) (netip.Prefix, error) {
+	// Fast path: what netip accepts, net accepts with the same meaning
+	// (net.ParseCIDR parses the address with netip and is laxer only about
+	// the length, e.g. leading zeros). Everything else, errors included,
+	// takes upstream's path for upstream's texts.
+	if p, err := netip.ParsePrefix(s); err == nil && p.Masked() == p && !p.Addr().Is4In6() {
+		return p, nil
+	}
 	ip, ipnet, err := net.ParseCIDR(s)
 	if err != nil {
 		return netip.Prefix{}, fmt.Errorf(cidrParseErrFmt, s, err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/nfmasq/nfmasq/nat/lpm"
@@ -186,7 +187,8 @@ type Policy struct {
 	table      *lpm.Table
 	decisions  []Decision // index-aligned with the prefixes in table
 	enableIPv6 bool
-	effective  Config
+	effective  Config // NonMasqueradeCIDRs left out: Effective derives them
+	listed     int    // decisions[:listed] are the effective NonMasqueradeCIDRs
 	notes      []string
 	hash       string
 	nonMasq4   []netip.Prefix
@@ -202,7 +204,15 @@ type Policy struct {
 // the cluster ranges, then link-local. Whichever wins, the action is the
 // same.
 func Compile(in Input) (*Policy, error) {
-	b := builder{seen: make(map[netip.Prefix]struct{})}
+	n := len(in.Config.NonMasqueradeCIDRs) + len(in.ClusterCIDRs) + len(DefaultNonMasqueradeCIDRs(true)) + 4
+	for _, ep := range in.EgressPolicies {
+		n += len(ep.Destinations)
+	}
+	b := builder{
+		seen:      make(map[netip.Prefix]struct{}, n),
+		prefixes:  make([]netip.Prefix, 0, n),
+		decisions: make([]Decision, 0, n),
+	}
 	p := &Policy{enableIPv6: in.EnableIPv6}
 	eff := DefaultConfig(in.AllReservedRanges)
 
@@ -275,11 +285,9 @@ func Compile(in Input) (*Policy, error) {
 			b.add(LinkLocalIPv6, SourceLinkLocal, "")
 		}
 	}
-	eff.NonMasqueradeCIDRs = make([]string, 0, listed)
-	for _, d := range b.decisions[:listed] {
-		eff.NonMasqueradeCIDRs = append(eff.NonMasqueradeCIDRs, d.Prefix.String())
-	}
+	eff.NonMasqueradeCIDRs = nil
 	p.effective = eff
+	p.listed = listed
 
 	table, err := lpm.Compile(b.prefixes)
 	if err != nil {
@@ -287,11 +295,13 @@ func Compile(in Input) (*Policy, error) {
 	}
 	p.table = table
 	p.decisions = b.decisions
-	p.nonMasq4, p.nonMasq6 = aggregate(b.prefixes)
+	sorted := slices.Clone(b.decisions)
+	slices.SortFunc(sorted, func(x, y Decision) int { return comparePrefix(x.Prefix, y.Prefix) })
+	p.nonMasq4, p.nonMasq6 = aggregate(sorted)
 	if !p.enableIPv6 {
 		p.nonMasq6 = []netip.Prefix{allIPv6}
 	}
-	p.hash = hashDecisions(b.decisions, p.enableIPv6)
+	p.hash = hashDecisions(sorted, p.enableIPv6)
 	return p, nil
 }
 
@@ -364,7 +374,10 @@ func (p *Policy) NonMasquerade(v6 bool) []netip.Prefix {
 // MasqLinkLocal flags). The caller owns the result.
 func (p *Policy) Effective() Config {
 	c := p.effective
-	c.NonMasqueradeCIDRs = slices.Clone(c.NonMasqueradeCIDRs)
+	c.NonMasqueradeCIDRs = make([]string, p.listed)
+	for i, d := range p.decisions[:p.listed] {
+		c.NonMasqueradeCIDRs[i] = d.Prefix.String()
+	}
 	return c
 }
 
@@ -373,21 +386,19 @@ func (p *Policy) Effective() Config {
 // slice.
 func (p *Policy) Notes() []string { return slices.Clone(p.notes) }
 
-// aggregate splits prefixes by family, sorts them and drops those inside
-// another one; all of them are passthrough, so the dropped ones add
-// nothing.
-func aggregate(prefixes []netip.Prefix) (v4, v6 []netip.Prefix) {
-	sorted := slices.Clone(prefixes)
-	slices.SortFunc(sorted, comparePrefix)
-	for _, pr := range sorted {
+// aggregate splits decisions, sorted by comparePrefix, by family and drops
+// the prefixes inside another one; all of them are passthrough, so the
+// dropped ones add nothing.
+func aggregate(sorted []Decision) (v4, v6 []netip.Prefix) {
+	for _, d := range sorted {
 		out := &v4
-		if pr.Addr().Is6() {
+		if d.Prefix.Addr().Is6() {
 			out = &v6
 		}
-		if n := len(*out); n > 0 && (*out)[n-1].Contains(pr.Addr()) {
+		if n := len(*out); n > 0 && (*out)[n-1].Contains(d.Prefix.Addr()) {
 			continue
 		}
-		*out = append(*out, pr)
+		*out = append(*out, d.Prefix)
 	}
 	return v4, v6
 }
@@ -401,13 +412,21 @@ func comparePrefix(a, b netip.Prefix) int {
 	return cmp.Compare(a.Bits(), b.Bits())
 }
 
-func hashDecisions(decisions []Decision, enableIPv6 bool) string {
-	sorted := slices.Clone(decisions)
-	slices.SortFunc(sorted, func(a, b Decision) int { return comparePrefix(a.Prefix, b.Prefix) })
+// hashDecisions hashes decisions sorted by comparePrefix, so that the order
+// in which the configuration listed them does not matter.
+func hashDecisions(sorted []Decision, enableIPv6 bool) string {
 	h := sha256.New()
-	fmt.Fprintf(h, "nfmasq policy v1 ipv6=%t\n", enableIPv6)
+	buf := fmt.Appendf(nil, "nfmasq policy v1 ipv6=%t\n", enableIPv6)
 	for _, d := range sorted {
-		fmt.Fprintf(h, "%s %s %s %q\n", d.Prefix, d.Action, d.Source, d.Origin)
+		buf = d.Prefix.AppendTo(buf)
+		buf = append(buf, ' ', byte(d.Action), byte(d.Source))
+		buf = strconv.AppendQuote(buf, d.Origin)
+		buf = append(buf, '\n')
+		if len(buf) > 32<<10 {
+			h.Write(buf)
+			buf = buf[:0]
+		}
 	}
+	h.Write(buf)
 	return hex.EncodeToString(h.Sum(nil))[:16]
 }
