@@ -7,7 +7,8 @@ import (
 	"regexp"
 )
 
-// Backend is the iptables variant the rules are written with. Both put the
+// Backend is the iptables variant the rules are written with; the empty
+// Backend means whatever the node's plain iptables-restore is. Both put the
 // same xtables rules in the kernel; they differ in which kernel API holds
 // them, and a node must use the one its kubelet and kube-proxy use or the
 // two rule sets run side by side in an order nobody chose.
@@ -34,11 +35,15 @@ func ParseBackend(s string) (Backend, error) {
 
 // tool returns the binary of this backend for a family, e.g.
 // "ip6tables-legacy-restore". Naming the variant, instead of the
-// alternatives symlink, keeps the choice ours whatever the image links.
+// alternatives symlink, keeps the choice ours whatever the image links;
+// the empty Backend names the symlink ("iptables-restore").
 func (b Backend) tool(fam Family, kind string) string {
 	prefix := "iptables"
 	if fam == IPv6 {
 		prefix = "ip6tables"
+	}
+	if b == "" {
+		return prefix + "-" + kind
 	}
 	return prefix + "-" + string(b) + "-" + kind
 }

@@ -356,3 +356,48 @@ type Seen = netnstest.Seen
 func sameFlow(v Seen, local netip.AddrPort, node netip.Addr) bool {
 	return v.Src == local || v.Src.Addr() == node
 }
+
+// TestKernelRepairsJumps feeds iptables-save's own text back as -D lines
+// (duplicates, a jump of an older version, a chain of an older layout) and
+// checks the real tools accept it and end where a clean install ends.
+func TestKernelRepairsJumps(t *testing.T) {
+	netnstest.Require(t, kernelTools...)
+	ctx := context.Background()
+	const mess = "*mangle\n" +
+		"-A FORWARD -m comment --comment \"nfmasq: queue undecided pod flows\" -j NFMASQ-FORWARD\n" +
+		"-I PREROUTING 1 -m comment --comment \"nfmasq: an older comment\" -j NFMASQ-PREROUTING\n" +
+		"COMMIT\n" +
+		"*nat\n:NFMASQ-OLD - [0:0]\n:NFMASQ-OLDER - [0:0]\n-A NFMASQ-OLD -j NFMASQ-OLDER\n-A NFMASQ-OLDER -j MASQUERADE\n" +
+		"-A POSTROUTING -m mark --mark 0x1/0x1 -j NFMASQ-OLD\n" +
+		"-A POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment \"nfmasq: masquerade decisions for non-local destinations\" -j NFMASQ-POSTROUTING\n" +
+		"COMMIT\n"
+	for _, b := range backends {
+		t.Run(string(b), func(t *testing.T) {
+			clean := newKernelNode(t, netnstest.New(t, "rules"), b)
+			cfg := kernelConfig(t)
+			if err := clean.in.Install(ctx, cfg); err != nil {
+				t.Fatal(err)
+			}
+			want := clean.state(t)
+
+			k := newKernelNode(t, netnstest.New(t, "rules"), b)
+			if err := k.in.Install(ctx, cfg); err != nil {
+				t.Fatal(err)
+			}
+			for _, fam := range cfg.families() {
+				if err := k.in.restore(ctx, fam, []byte(mess)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := k.in.Check(ctx, cfg); !errors.Is(err, ErrRulesChanged) {
+				t.Errorf("Check = %v, want ErrRulesChanged", err)
+			}
+			if err := k.in.Install(ctx, cfg); err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(want, k.state(t)); diff != "" {
+				t.Errorf("(-clean install +repaired):\n%s", diff)
+			}
+		})
+	}
+}

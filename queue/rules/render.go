@@ -8,13 +8,11 @@ import (
 // Render returns, for reading, everything Install would apply to a node
 // that has no nfmasq state yet: per family, the `ipset restore` input (when
 // the fallback uses a set) and the iptables-restore payload, each under a
-// comment line naming the command it is for.
+// comment line naming the command it is for (the plain iptables-restore
+// when b is empty).
 func Render(cfg Config, b Backend) (string, error) {
 	if err := cfg.Validate(); err != nil {
 		return "", err
-	}
-	if b == "" {
-		b = BackendNFT
 	}
 	var out strings.Builder
 	for _, fam := range cfg.families() {
