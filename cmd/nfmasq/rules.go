@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue/rules"
+)
+
+// dataplaneFlags are the flags that shape the kernel rule set. `nfmasq
+// rules` and `nfmasq agent` register the same set, so the printed payload
+// is the one the agent installs given the same arguments.
+type dataplaneFlags struct {
+	podCIDRs       []string
+	markMask       string
+	queueNum       uint16
+	queues         uint16
+	randomFully    bool
+	toPorts        string
+	ipsetThreshold int
+	backend        string
+}
+
+func (d *dataplaneFlags) register(fs *pflag.FlagSet) {
+	fs.StringSliceVar(&d.podCIDRs, "pod-cidr", nil,
+		"pod CIDR of this node, IPv4 or IPv6 (repeatable or comma-separated); only traffic from these ranges is queued or masqueraded")
+	fs.StringVar(&d.markMask, "mark-mask", fmt.Sprintf("%#x", rules.DefaultMarkMask),
+		"packet/connection mark bits nfmasq owns (at least 2 bits, clear of kube-proxy's 0xc000 and Calico's 0xffff0000): lowest bit = masquerade, next = passthrough, both = decided by the kernel fallback")
+	fs.Uint16Var(&d.queueNum, "queue-num", rules.DefaultQueueNum, "NFQUEUE number (the first one with --queues > 1)")
+	fs.Uint16Var(&d.queues, "queues", 1, "number of NFQUEUE queues; more than 1 balances flows over queue-num … queue-num+queues-1")
+	fs.BoolVar(&d.randomFully, "random-fully", true, "add --random-fully to MASQUERADE")
+	fs.StringVar(&d.toPorts, "to-ports", rules.DefaultToPorts, `source port range of masqueraded TCP, UDP and SCTP flows ("" lets the kernel choose)`)
+	fs.IntVar(&d.ipsetThreshold, "ipset-threshold", rules.DefaultIPSetThreshold,
+		"the kernel fallback matches up to this many non-masquerade CIDRs with one rule each, and uses an ipset (hash:net) above")
+	fs.StringVar(&d.backend, "iptables-backend", "auto", "iptables backend: auto (detect as kube-proxy's iptables-wrapper does), nft or legacy")
+}
+
+// rulesConfig combines the flags with the policy's non-masquerade sets.
+func (d *dataplaneFlags) rulesConfig(pol *nat.Policy) (rules.Config, error) {
+	marks, err := rules.ParseMarkMask(d.markMask)
+	if err != nil {
+		return rules.Config{}, fmt.Errorf("--mark-mask: %w", err)
+	}
+	if len(d.podCIDRs) == 0 {
+		return rules.Config{}, errors.New("--pod-cidr is required: only traffic from the node's pod CIDRs is handled")
+	}
+	cfg := rules.DefaultConfig()
+	for _, s := range d.podCIDRs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return rules.Config{}, fmt.Errorf("--pod-cidr: %w", err)
+		}
+		if p.Addr().Is6() && !pol.IPv6Enabled() {
+			return rules.Config{}, fmt.Errorf("--pod-cidr %s is IPv6: add --enable-ipv6", p)
+		}
+		cfg.PodCIDRs = append(cfg.PodCIDRs, p)
+	}
+	cfg.EnableIPv6 = pol.IPv6Enabled()
+	cfg.NonMasquerade4 = pol.NonMasquerade(false)
+	cfg.NonMasquerade6 = pol.NonMasquerade(true)
+	cfg.Mark = marks
+	cfg.QueueNum, cfg.Queues = d.queueNum, d.queues
+	cfg.RandomFully, cfg.ToPorts = d.randomFully, d.toPorts
+	cfg.IPSetThreshold = d.ipsetThreshold
+	if err := cfg.Validate(); err != nil {
+		return rules.Config{}, err
+	}
+	return cfg, nil
+}
+
+// resolveBackend picks the backend, detecting it for "auto".
+func (d *dataplaneFlags) resolveBackend(ctx context.Context, r rules.Runner) (rules.Detection, error) {
+	return rules.ResolveBackend(ctx, r, d.backend)
+}
+
+func newRulesCmd() *cobra.Command {
+	var (
+		pf policyFlags
+		df dataplaneFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "rules [flags]",
+		Short: "Print the iptables and ipset payloads the agent would install, without touching the kernel",
+		Long: `Print, for each address family, the ipset restore input (when the kernel
+fallback's non-masquerade list is longer than --ipset-threshold) and the
+iptables-restore --noflush payload the agent installs on a node that has no
+nfmasq state yet. Nothing is read from or written to the kernel; with
+--iptables-backend auto the headers name the plain iptables-restore.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			out, err := renderRules(&pf, &df, cmd.ErrOrStderr())
+			if err != nil {
+				return &exitError{code: exitConfig, err: err}
+			}
+			_, err = fmt.Fprint(cmd.OutOrStdout(), out)
+			return err
+		},
+	}
+	pf.register(cmd.Flags())
+	df.register(cmd.Flags())
+	return cmd
+}
+
+func renderRules(pf *policyFlags, df *dataplaneFlags, notices io.Writer) (string, error) {
+	b, err := rules.ParseBackend(df.backend)
+	if err != nil {
+		return "", fmt.Errorf("--iptables-backend: %w", err)
+	}
+	pol, err := pf.policy(notices)
+	if err != nil {
+		return "", err
+	}
+	cfg, err := df.rulesConfig(pol)
+	if err != nil {
+		return "", err
+	}
+	return rules.Render(cfg, b)
+}
+
+func init() { rootCmd.AddCommand(newRulesCmd()) }
