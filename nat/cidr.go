@@ -13,8 +13,14 @@ const (
 	cidrAlignErrFmt = "CIDR %q is not aligned to a CIDR block, ip: %q network: %q"
 )
 
-// parseCIDR validates s exactly as ip-masq-agent does (net.ParseCIDR, then
-// alignment) and returns it as a canonical netip.Prefix.
+// ParseCIDR validates s exactly as ip-masq-agent validates a
+// nonMasqueradeCIDRs entry (net.ParseCIDR, then alignment), with its error
+// texts, and returns it as a canonical netip.Prefix. IPv4-mapped IPv6
+// prefixes are refused. Flags that take CIDRs use it so their errors read
+// like the config file's.
+func ParseCIDR(s string) (netip.Prefix, error) { return parseCIDR(s) }
+
+// parseCIDR is ParseCIDR.
 //
 // net.ParseCIDR rather than netip.ParsePrefix decides what is accepted, so a
 // file upstream accepts (for example "10.0.0.0/08") is accepted here too.

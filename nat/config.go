@@ -402,11 +402,13 @@ func withJSONPosition(data []byte, err error) error {
 	return fmt.Errorf("%w at line %d, column %d", err, line, col)
 }
 
-// position turns a byte offset into a 1-based line and column.
+// position returns the 1-based line and column of data[offset-1], the
+// byte encoding/json stopped at (its offsets count the bytes read,
+// including the offending one).
 func position(data []byte, offset int64) (line, col int) {
-	offset = min(max(offset, 0), int64(len(data)))
-	before := data[:offset]
+	i := int(min(max(offset-1, 0), int64(len(data))))
+	before := data[:i]
 	line = bytes.Count(before, []byte("\n")) + 1
-	col = int(offset) - (bytes.LastIndexByte(before, '\n') + 1)
-	return line, max(col, 1)
+	col = i - bytes.LastIndexByte(before, '\n')
+	return line, col
 }
