@@ -58,6 +58,7 @@ type CommandError struct {
 	Err    error    // usually an *exec.ExitError
 }
 
+// Error names the command, how it failed and what it said.
 func (e *CommandError) Error() string {
 	msg := fmt.Sprintf("%s: %v", strings.Join(e.Args, " "), e.Err)
 	if e.Stderr != "" {
@@ -66,4 +67,5 @@ func (e *CommandError) Error() string {
 	return msg
 }
 
+// Unwrap returns the exec error, so errors.Is(err, exec.ErrNotFound) works.
 func (e *CommandError) Unwrap() error { return e.Err }
