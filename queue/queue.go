@@ -1,0 +1,517 @@
+package queue
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue/packet"
+)
+
+// Defaults for the zero values of Config.
+const (
+	// DefaultCopyRange covers the largest IPv4 header (60 bytes) and the
+	// first 20 bytes of TCP with room for IPv6 extension headers. The
+	// kernel copies no more than this into each message.
+	DefaultCopyRange = 128
+	// DefaultMaxQueueLen is how many packets may wait for a verdict
+	// before the kernel fails open for the next ones.
+	DefaultMaxQueueLen = 8192
+	// DefaultReadBuffer is the netlink socket's receive buffer. The
+	// kernel default (208 KiB) overflowed at 20k new flows/s.
+	DefaultReadBuffer = 32 << 20
+	// DefaultDrainTimeout bounds how long Run waits for packets already
+	// queued when it stops.
+	DefaultDrainTimeout = 2 * time.Second
+)
+
+// Marks are the packet-mark bits a verdict writes. Only bits inside Mask
+// are changed; the packet's other mark bits (kube-proxy's, Calico's) are
+// kept.
+type Marks struct {
+	// Mask selects the bits nfmasq owns.
+	Mask uint32
+	// Masquerade is the value (inside Mask) for masqueraded flows.
+	Masquerade uint32
+	// Passthrough is the value (inside Mask) for flows that keep the pod
+	// address.
+	Passthrough uint32
+}
+
+// Validate checks that both values are non-zero (zero means "undecided" to
+// the queue rule), distinct, and inside the mask.
+func (m Marks) Validate() error {
+	switch {
+	case m.Mask == 0:
+		return errors.New("mark mask is 0")
+	case m.Masquerade == 0 || m.Passthrough == 0:
+		return fmt.Errorf("masquerade mark %#x and passthrough mark %#x must both be non-zero", m.Masquerade, m.Passthrough)
+	case m.Masquerade&^m.Mask != 0 || m.Passthrough&^m.Mask != 0:
+		return fmt.Errorf("marks %#x/%#x have bits outside the mask %#x", m.Masquerade, m.Passthrough, m.Mask)
+	case m.Masquerade == m.Passthrough:
+		return fmt.Errorf("masquerade and passthrough marks are both %#x", m.Masquerade)
+	}
+	return nil
+}
+
+// apply returns the packet's mark with our bits replaced by v: the kernel
+// sets skb->mark to exactly the NFQA_MARK of the verdict.
+func (m Marks) apply(old, v uint32) uint32 { return old&^m.Mask | v }
+
+// Config configures a Queue. Marks and Policy are required.
+type Config struct {
+	// QueueNums are the NFQUEUE numbers to bind, one socket each (use
+	// several with --queue-balance on many-core nodes). Default: [0].
+	QueueNums []uint16
+	// Workers is how many goroutines decide the packets of each queue.
+	// 0 decides inline in the queue's receive goroutine, which measured
+	// faster than any pool on this path (see doc.go); n > 0 hands packets
+	// to n workers through a channel.
+	Workers int
+	// NetNS is a network namespace file descriptor to bind in; 0 is the
+	// namespace of the calling thread.
+	NetNS int
+	// Marks are the verdict marks.
+	Marks Marks
+	// Policy returns the policy in force. It is called for every packet,
+	// so it should be an atomic load (a reload swaps the pointer). A nil
+	// policy leaves packets undecided (accepted unmarked).
+	Policy func() *nat.Policy
+	// Observer receives every packet's outcome; nil for none.
+	Observer Observer
+	// Logger receives rate-limited reports of panics and netlink errors;
+	// nil discards them.
+	Logger *slog.Logger
+
+	// CopyRange is how many bytes of each packet the kernel copies
+	// (default DefaultCopyRange).
+	CopyRange uint32
+	// MaxQueueLen is the kernel queue's length (default
+	// DefaultMaxQueueLen).
+	MaxQueueLen uint32
+	// ReadBuffer is the socket receive buffer in bytes (default
+	// DefaultReadBuffer).
+	ReadBuffer int
+	// DrainTimeout bounds the drain on stop (default DefaultDrainTimeout).
+	DrainTimeout time.Duration
+}
+
+// Observer receives the outcome of every queued packet.
+type Observer interface {
+	// Decided is called after the verdict was sent, on the goroutine that
+	// sent it. It must not block, and must not retain ev, which is reused
+	// for the next packet: copy what it needs.
+	Decided(ev *Event)
+}
+
+// Outcome says whether a packet was decided and, if not, why.
+type Outcome uint8
+
+const (
+	// Decided: the verdict carried a masquerade or passthrough mark.
+	Decided Outcome = iota
+	// Malformed: the packet did not decode (see Event.Packet.Status); it
+	// was accepted unmarked.
+	Malformed
+	// NoPolicy: Config.Policy returned nil; accepted unmarked.
+	NoPolicy
+	// NoPayload: the kernel's message carried no packet bytes; accepted
+	// unmarked.
+	NoPayload
+	// UnknownAction: the policy returned an action with no mark;
+	// accepted unmarked.
+	UnknownAction
+	// Panicked: deciding panicked; the packet was accepted unmarked.
+	Panicked
+
+	// NumOutcomes is the number of Outcome values, for arrays.
+	NumOutcomes
+)
+
+var outcomeNames = [NumOutcomes]string{
+	Decided:       "decided",
+	Malformed:     "malformed",
+	NoPolicy:      "no_policy",
+	NoPayload:     "no_payload",
+	UnknownAction: "unknown_action",
+	Panicked:      "panicked",
+}
+
+// String returns a snake_case name suitable as a metric label.
+func (o Outcome) String() string {
+	if o < NumOutcomes {
+		return outcomeNames[o]
+	}
+	return fmt.Sprintf("outcome_%d", uint8(o))
+}
+
+// Event is one packet's outcome, handed to the Observer.
+type Event struct {
+	// Time is when the packet was received from the kernel.
+	Time time.Time
+	// Latency runs from receipt to the verdict being sent.
+	Latency time.Duration
+	// Queue is the queue number the packet came from.
+	Queue uint16
+	// PacketID is the kernel's id for the packet within its queue.
+	PacketID uint32
+	// Packet is the decoded packet (its Status explains Malformed).
+	Packet packet.Parsed
+	// Outcome says whether the packet was decided.
+	Outcome Outcome
+	// Decision is the policy's decision; the zero Decision unless
+	// Outcome is Decided.
+	Decision nat.Decision
+	// Mark is the packet mark the verdict set; meaningful only when
+	// Outcome is Decided (an unmarked verdict leaves the mark alone).
+	Mark uint32
+	// VerdictErr is non-nil when the verdict could not be sent; the
+	// packet then waits in the kernel until the queue is unbound.
+	VerdictErr error
+}
+
+// Stats is a snapshot of a Queue's counters since New.
+type Stats struct {
+	// Packets received from the kernel.
+	Packets uint64
+	// Verdicts sent successfully.
+	Verdicts uint64
+	// Masquerade and Passthrough count decisions by action.
+	Masquerade, Passthrough uint64
+	// Undecided counts packets accepted without a mark, by Outcome
+	// (Undecided[Decided] is always 0).
+	Undecided [NumOutcomes]uint64
+	// Malformed counts Malformed packets by decode status.
+	Malformed [packet.NumStatus]uint64
+	// Panics recovered while handling a packet (including in the
+	// Observer, after the verdict was sent).
+	Panics uint64
+	// VerdictErrors counts verdicts that could not be sent.
+	VerdictErrors uint64
+	// Skipped counts packet ids that never reached us: the kernel
+	// assigned them but could not deliver the message (socket buffer
+	// full), so with fail-open it accepted the packet unmarked. Overflow
+	// of the queue length itself is not visible here or anywhere else.
+	Skipped uint64
+	// Netlink receive errors: ENOBUFS (socket overflow reported despite
+	// NETLINK_NO_ENOBUFS), ENOENT (a verdict for an id the kernel no
+	// longer holds), and anything else.
+	NetlinkENOBUFS, NetlinkENOENT, NetlinkOther uint64
+}
+
+// counters belong to one handler; Stats sums them. Keeping them per
+// handler avoids one cache line bouncing between every worker.
+type counters struct {
+	packets       atomic.Uint64
+	verdicts      atomic.Uint64
+	masquerade    atomic.Uint64
+	passthrough   atomic.Uint64
+	panics        atomic.Uint64
+	verdictErrors atomic.Uint64
+	undecided     [NumOutcomes]atomic.Uint64
+	malformed     [packet.NumStatus]atomic.Uint64
+	_             [64]byte
+}
+
+// socketCounters belong to one queue's receive goroutine.
+type socketCounters struct {
+	skipped atomic.Uint64
+	enobufs atomic.Uint64
+	enoent  atomic.Uint64
+	other   atomic.Uint64
+	_       [64]byte
+}
+
+// Queue binds NFQUEUE numbers and answers every packet queued to them.
+// Create it with New, start it with Run.
+type Queue struct {
+	cfg      Config
+	counters []counters       // one per handler: len(QueueNums) * max(1, Workers)
+	sockets  []socketCounters // one per queue number
+	ready    chan struct{}
+	logLimit rateLimit
+	started  atomic.Bool
+	epoch    time.Time
+
+	procMu sync.Mutex
+	proc   *os.File // nfnetlink_queue stats of the bound namespace, while running
+}
+
+// ErrUnsupported is returned by Run where NFQUEUE does not exist.
+var ErrUnsupported = errors.New("queue: NFQUEUE is only available on Linux")
+
+// New validates cfg, fills its defaults and returns a Queue ready to Run.
+func New(cfg Config) (*Queue, error) {
+	if err := cfg.Marks.Validate(); err != nil {
+		return nil, fmt.Errorf("queue config: %w", err)
+	}
+	if cfg.Policy == nil {
+		return nil, errors.New("queue config: no Policy function")
+	}
+	if cfg.Workers < 0 {
+		return nil, fmt.Errorf("queue config: %d workers", cfg.Workers)
+	}
+	if len(cfg.QueueNums) == 0 {
+		cfg.QueueNums = []uint16{0}
+	}
+	seen := make(map[uint16]bool, len(cfg.QueueNums))
+	for _, n := range cfg.QueueNums {
+		if seen[n] {
+			return nil, fmt.Errorf("queue config: queue %d listed twice", n)
+		}
+		seen[n] = true
+	}
+	if cfg.CopyRange == 0 {
+		cfg.CopyRange = DefaultCopyRange
+	}
+	if cfg.MaxQueueLen == 0 {
+		cfg.MaxQueueLen = DefaultMaxQueueLen
+	}
+	if cfg.ReadBuffer == 0 {
+		cfg.ReadBuffer = DefaultReadBuffer
+	}
+	if cfg.DrainTimeout == 0 {
+		cfg.DrainTimeout = DefaultDrainTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	cfg.QueueNums = append([]uint16(nil), cfg.QueueNums...)
+	return &Queue{
+		cfg:      cfg,
+		counters: make([]counters, len(cfg.QueueNums)*max(1, cfg.Workers)),
+		sockets:  make([]socketCounters, len(cfg.QueueNums)),
+		ready:    make(chan struct{}),
+		epoch:    time.Now(),
+	}, nil
+}
+
+// now is the monotonic time since q.epoch.
+func (q *Queue) now() time.Duration { return time.Since(q.epoch) }
+
+// Ready is closed once Run has bound every queue: from then on, packets
+// sent to them are answered.
+func (q *Queue) Ready() <-chan struct{} { return q.ready }
+
+// Stats returns a snapshot of the counters. It is safe to call at any
+// time from any goroutine.
+func (q *Queue) Stats() Stats {
+	var s Stats
+	for i := range q.counters {
+		c := &q.counters[i]
+		s.Packets += c.packets.Load()
+		s.Verdicts += c.verdicts.Load()
+		s.Masquerade += c.masquerade.Load()
+		s.Passthrough += c.passthrough.Load()
+		s.Panics += c.panics.Load()
+		s.VerdictErrors += c.verdictErrors.Load()
+		for j := range c.undecided {
+			s.Undecided[j] += c.undecided[j].Load()
+		}
+		for j := range c.malformed {
+			s.Malformed[j] += c.malformed[j].Load()
+		}
+	}
+	for i := range q.sockets {
+		c := &q.sockets[i]
+		s.Skipped += c.skipped.Load()
+		s.NetlinkENOBUFS += c.enobufs.Load()
+		s.NetlinkENOENT += c.enoent.Load()
+		s.NetlinkOther += c.other.Load()
+	}
+	return s
+}
+
+// inbound is one packet as the receive side hands it over.
+type inbound struct {
+	// received is when the packet was read, as an offset from the
+	// Queue's epoch: time.Since on a monotonic base reads one clock,
+	// where time.Now reads two, and on this path clock reads cost more
+	// than deciding.
+	received time.Duration
+	payload  []byte
+	id       uint32
+	mark     uint32
+	hwProto  uint16
+	// hasPayload is false when the message had no payload attribute (a
+	// zero-length payload attribute is a different thing: not IP).
+	hasPayload bool
+}
+
+// verdicter sends one verdict: NF_ACCEPT, with mark when setMark.
+type verdicter interface {
+	verdict(id, mark uint32, setMark bool) error
+}
+
+// handler decides the packets of one queue on one goroutine. Its Parsed
+// and Event are reused, so it must not be shared.
+type handler struct {
+	q     *Queue
+	num   uint16
+	send  verdicter
+	c     *counters
+	p     packet.Parsed
+	ev    Event
+	marks Marks
+}
+
+func (q *Queue) newHandler(queueIndex, worker int, send verdicter) *handler {
+	return &handler{
+		q:     q,
+		num:   q.cfg.QueueNums[queueIndex],
+		send:  send,
+		c:     &q.counters[queueIndex*max(1, q.cfg.Workers)+worker],
+		marks: q.cfg.Marks,
+	}
+}
+
+// handle answers one packet. Whatever happens, the packet gets exactly one
+// verdict: a panic before the verdict is answered unmarked (the kernel
+// fallback chain then decides), a panic after it is only counted.
+func (h *handler) handle(in *inbound) {
+	answered := false
+	defer func() {
+		if r := recover(); r != nil {
+			h.recovered(in, r, answered)
+		}
+	}()
+	h.c.packets.Add(1)
+
+	outcome, d := h.decide(in)
+	var err error
+	if outcome == Decided {
+		var v uint32
+		if d.Action == nat.Masquerade {
+			v = h.marks.Masquerade
+		} else {
+			v = h.marks.Passthrough
+		}
+		h.ev.Mark = h.marks.apply(in.mark, v)
+		err = h.send.verdict(in.id, h.ev.Mark, true)
+	} else {
+		h.ev.Mark = in.mark
+		err = h.send.verdict(in.id, 0, false)
+	}
+	answered = true
+	latency := h.q.now() - in.received
+
+	c := h.c
+	if err != nil {
+		c.verdictErrors.Add(1)
+		h.q.logf("nfqueue verdict failed", "queue", h.num, "id", in.id, "err", err)
+	} else {
+		c.verdicts.Add(1)
+	}
+	switch {
+	case outcome != Decided:
+		c.undecided[outcome].Add(1)
+		if outcome == Malformed {
+			c.malformed[h.p.Status].Add(1)
+		}
+	case d.Action == nat.Masquerade:
+		c.masquerade.Add(1)
+	default:
+		c.passthrough.Add(1)
+	}
+
+	if obs := h.q.cfg.Observer; obs != nil {
+		ev := &h.ev
+		ev.Time = h.q.epoch.Add(in.received)
+		ev.Latency = latency
+		ev.Queue = h.num
+		ev.PacketID = in.id
+		ev.Packet = h.p
+		ev.Outcome = outcome
+		ev.Decision = d
+		ev.VerdictErr = err
+		obs.Decided(ev)
+	}
+}
+
+// decide decodes the packet and asks the policy. It leaves the decoded
+// packet in h.p.
+func (h *handler) decide(in *inbound) (Outcome, nat.Decision) {
+	if !in.hasPayload {
+		h.p = packet.Parsed{Status: packet.NotIP}
+		return NoPayload, nat.Decision{}
+	}
+	switch in.hwProto {
+	case 0x0800:
+		h.p.DecodeVersion(in.payload, 4)
+	case 0x86dd:
+		h.p.DecodeVersion(in.payload, 6)
+	default:
+		h.p.Decode(in.payload)
+	}
+	if !h.p.Status.Valid() {
+		return Malformed, nat.Decision{}
+	}
+	pol := h.q.cfg.Policy()
+	if pol == nil {
+		return NoPolicy, nat.Decision{}
+	}
+	d := pol.Decide(h.p.Dst)
+	if d.Action != nat.Masquerade && d.Action != nat.Passthrough {
+		return UnknownAction, d
+	}
+	return Decided, d
+}
+
+// recovered finishes a packet whose handling panicked.
+func (h *handler) recovered(in *inbound, r any, answered bool) {
+	h.c.panics.Add(1)
+	if h.q.logLimit.allow() {
+		h.q.cfg.Logger.Error("panic while handling a queued packet",
+			"queue", h.num, "id", in.id, "answered", answered, "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+	}
+	if answered {
+		return
+	}
+	h.c.undecided[Panicked].Add(1)
+	// A second panic here (a broken verdicter) must not escape either:
+	// it would kill the receive goroutine and with it every later packet.
+	func() {
+		defer func() { _ = recover() }()
+		if err := h.send.verdict(in.id, 0, false); err != nil {
+			h.c.verdictErrors.Add(1)
+		} else {
+			h.c.verdicts.Add(1)
+		}
+	}()
+}
+
+// logf logs at warning level, at most once per second per Queue, so a
+// storm of errors costs an atomic load each, not a formatted line.
+func (q *Queue) logf(msg string, args ...any) {
+	if q.logLimit.allow() {
+		q.cfg.Logger.Warn(msg, args...)
+	}
+}
+
+// rateLimit allows one event per second.
+type rateLimit struct{ next atomic.Int64 }
+
+func (r *rateLimit) allow() bool {
+	now := time.Now().UnixNano()
+	next := r.next.Load()
+	return now >= next && r.next.CompareAndSwap(next, now+int64(time.Second))
+}
+
+// idGap returns how many ids lie strictly between last and id: packets
+// the kernel numbered but never delivered. A fresh queue instance starts
+// numbering at 1, so last is 0 before the first packet. Ids wrap at 2^32;
+// an id that does not move forward (which the kernel never sends) counts
+// nothing rather than four billion.
+func idGap(last, id uint32) uint32 {
+	gap := id - last - 1
+	if gap >= 1<<31 {
+		return 0
+	}
+	return gap
+}

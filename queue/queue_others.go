@@ -1,0 +1,11 @@
+//go:build !linux
+
+package queue
+
+import "context"
+
+// Run returns ErrUnsupported: NFQUEUE is a Linux facility.
+func (q *Queue) Run(ctx context.Context) error { return ErrUnsupported }
+
+// ProcStats returns ErrUnsupported.
+func (q *Queue) ProcStats() ([]ProcStats, error) { return nil, ErrUnsupported }
