@@ -1,0 +1,148 @@
+package conntrack
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultBuffer = 8192
+	// DefaultReadBuffer is the event socket's receive buffer. Destroy
+	// events arrive in bursts (a table flush, a timeout sweep); a small
+	// buffer overruns and loses them.
+	DefaultReadBuffer = 32 << 20
+)
+
+// EventType says what happened to a flow.
+type EventType uint8
+
+// Event types.
+const (
+	// EventNew: conntrack confirmed a new flow (Config.New).
+	EventNew EventType = iota + 1
+	// EventDestroy: the flow ended (timeout, TCP close, or deletion);
+	// counters and the stop time are final.
+	EventDestroy
+)
+
+// String returns "new" or "destroy".
+func (t EventType) String() string {
+	switch t {
+	case EventNew:
+		return "new"
+	case EventDestroy:
+		return "destroy"
+	}
+	return "unknown"
+}
+
+// Event is a flow the Listener saw created or destroyed.
+type Event struct {
+	Type EventType
+	Flow Flow
+}
+
+// Config configures a Listener.
+type Config struct {
+	// NetNS is an open file descriptor of the network namespace to listen
+	// in; 0 means the caller's.
+	NetNS int
+	// PodCIDRs selects flows by original source address; empty means all.
+	PodCIDRs []netip.Prefix
+	// New also delivers EventNew; by default only destroyed flows are.
+	New bool
+	// Buffer is the capacity of the Events channel (DefaultBuffer).
+	Buffer int
+	// ReadBuffer is the socket receive buffer in bytes (DefaultReadBuffer);
+	// as root it may exceed net.core.rmem_max.
+	ReadBuffer int
+	// OnOverrun, if set, is called on the reader goroutine after each
+	// socket overrun: the kernel dropped at least one event. It must not
+	// block (flowlog.Logger.ReportLost does not).
+	OnOverrun func()
+	// OnDrop, if set, is called on the reader goroutine with each event
+	// the full Events channel could not take. It must not block.
+	OnDrop func(Event)
+}
+
+// Stats counts what a Listener received and lost.
+type Stats struct {
+	// Received counts decoded events; Ignored those outside PodCIDRs;
+	// Delivered those sent on Events; Dropped those the full channel
+	// could not take.
+	Received, Ignored, Delivered, Dropped uint64
+	// Overruns counts ENOBUFS on the socket: each lost one or more events.
+	Overruns uint64
+	// DecodeErrors counts messages that did not decode as a conntrack event.
+	DecodeErrors uint64
+}
+
+// Listener delivers conntrack events for pod flows. Create it with Listen.
+type Listener struct {
+	cfg    Config
+	events chan Event
+
+	received, ignored, delivered, dropped, overruns, decodeErrors atomic.Uint64
+
+	closing   atomic.Bool
+	done      chan struct{}
+	err       error // set by the reader before done is closed
+	closeOnce sync.Once
+	closeErr  error
+
+	sys listenerSys
+}
+
+// Events returns the channel of events. It is closed when the Listener
+// stops: after Close, or after a fatal socket error (see Err).
+func (l *Listener) Events() <-chan Event { return l.events }
+
+// Err returns the error that stopped the reader, once Events is closed;
+// nil after a Close.
+func (l *Listener) Err() error {
+	select {
+	case <-l.done:
+		return l.err
+	default:
+		return nil
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (l *Listener) Stats() Stats {
+	return Stats{
+		Received:     l.received.Load(),
+		Ignored:      l.ignored.Load(),
+		Delivered:    l.delivered.Load(),
+		Dropped:      l.dropped.Load(),
+		Overruns:     l.overruns.Load(),
+		DecodeErrors: l.decodeErrors.Load(),
+	}
+}
+
+// deliver filters and queues one event on the reader goroutine.
+func (l *Listener) deliver(ev Event) {
+	l.received.Add(1)
+	if !InPrefixes(l.cfg.PodCIDRs, ev.Flow.Orig.Src.Addr()) {
+		l.ignored.Add(1)
+		return
+	}
+	select {
+	case l.events <- ev:
+		l.delivered.Add(1)
+	default:
+		l.dropped.Add(1)
+		if l.cfg.OnDrop != nil {
+			l.cfg.OnDrop(ev)
+		}
+	}
+}
+
+func (l *Listener) overrun() {
+	l.overruns.Add(1)
+	if l.cfg.OnOverrun != nil {
+		l.cfg.OnOverrun()
+	}
+}
