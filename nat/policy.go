@@ -3,11 +3,11 @@ package nat
 import (
 	"cmp"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/nfmasq/nfmasq/nat/lpm"
@@ -189,6 +189,7 @@ type Policy struct {
 	enableIPv6 bool
 	effective  Config // NonMasqueradeCIDRs left out: Effective derives them
 	listed     int    // decisions[:listed] are the effective NonMasqueradeCIDRs
+	size       int    // distinct prefixes in decisions
 	notes      []string
 	hash       string
 	nonMasq4   []netip.Prefix
@@ -209,7 +210,6 @@ func Compile(in Input) (*Policy, error) {
 		n += len(ep.Destinations)
 	}
 	b := builder{
-		seen:      make(map[netip.Prefix]struct{}, n),
 		prefixes:  make([]netip.Prefix, 0, n),
 		decisions: make([]Decision, 0, n),
 	}
@@ -295,28 +295,26 @@ func Compile(in Input) (*Policy, error) {
 	}
 	p.table = table
 	p.decisions = b.decisions
-	sorted := slices.Clone(b.decisions)
-	slices.SortFunc(sorted, func(x, y Decision) int { return comparePrefix(x.Prefix, y.Prefix) })
-	p.nonMasq4, p.nonMasq6 = aggregate(sorted)
+	sorted := uniqueSorted(b.prefixes)
+	p.size = len(sorted)
+	p.nonMasq4, p.nonMasq6 = aggregate(b.prefixes, sorted)
 	if !p.enableIPv6 {
 		p.nonMasq6 = []netip.Prefix{allIPv6}
 	}
-	p.hash = hashDecisions(sorted, p.enableIPv6)
+	p.hash = hashDecisions(b.decisions, sorted, p.enableIPv6)
 	return p, nil
 }
 
-// builder collects the table's entries, first occurrence of a prefix wins.
+// builder collects the table's entries in priority order. A prefix may be
+// added more than once: lpm.Lookup reports the lowest index among equal
+// prefixes, so the first one added decides, and deduplicating here would
+// only cost a map of every prefix.
 type builder struct {
-	seen      map[netip.Prefix]struct{}
 	prefixes  []netip.Prefix
 	decisions []Decision
 }
 
 func (b *builder) add(p netip.Prefix, src Source, origin string) {
-	if _, dup := b.seen[p]; dup {
-		return
-	}
-	b.seen[p] = struct{}{}
 	b.prefixes = append(b.prefixes, p)
 	b.decisions = append(b.decisions, Decision{Action: Passthrough, Prefix: p, Source: src, Origin: origin})
 }
@@ -349,7 +347,7 @@ func (p *Policy) Decide(dst netip.Addr) Decision {
 func (p *Policy) IPv6Enabled() bool { return p.enableIPv6 }
 
 // Len returns the number of compiled non-masquerade prefixes.
-func (p *Policy) Len() int { return len(p.decisions) }
+func (p *Policy) Len() int { return p.size }
 
 // Hash identifies the effective decision table: every prefix with its
 // source and origin, and whether IPv6 is enabled. Equal hashes mean
@@ -374,9 +372,13 @@ func (p *Policy) NonMasquerade(v6 bool) []netip.Prefix {
 // MasqLinkLocal flags). The caller owns the result.
 func (p *Policy) Effective() Config {
 	c := p.effective
-	c.NonMasqueradeCIDRs = make([]string, p.listed)
-	for i, d := range p.decisions[:p.listed] {
-		c.NonMasqueradeCIDRs[i] = d.Prefix.String()
+	c.NonMasqueradeCIDRs = make([]string, 0, p.listed)
+	seen := make(map[netip.Prefix]bool, p.listed)
+	for _, d := range p.decisions[:p.listed] {
+		if !seen[d.Prefix] {
+			seen[d.Prefix] = true
+			c.NonMasqueradeCIDRs = append(c.NonMasqueradeCIDRs, d.Prefix.String())
+		}
 	}
 	return c
 }
@@ -386,47 +388,93 @@ func (p *Policy) Effective() Config {
 // slice.
 func (p *Policy) Notes() []string { return slices.Clone(p.notes) }
 
-// aggregate splits decisions, sorted by comparePrefix, by family and drops
-// the prefixes inside another one; all of them are passthrough, so the
-// dropped ones add nothing.
-func aggregate(sorted []Decision) (v4, v6 []netip.Prefix) {
-	for _, d := range sorted {
-		out := &v4
-		if d.Prefix.Addr().Is6() {
-			out = &v6
+// prefixKey orders prefixes by address, then length, then index, so a
+// covering prefix sorts before everything it covers and, among equal
+// prefixes, the first added comes first. Addresses are compared as 16
+// bytes: an IPv4 address is ::ffff:a.b.c.d there, which no IPv6 prefix can
+// use (IPv4-mapped prefixes are refused), so the families cannot collide.
+// Comparing integers rather than netip values keeps Compile fast on 100,000
+// prefixes.
+type prefixKey struct {
+	hi, lo    uint64
+	bitsIndex uint64 // length << 32 | index
+}
+
+func compareKeys(x, y prefixKey) int {
+	if c := cmp.Compare(x.hi, y.hi); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(x.lo, y.lo); c != 0 {
+		return c
+	}
+	return cmp.Compare(x.bitsIndex, y.bitsIndex)
+}
+
+// uniqueSorted returns the indices of prefixes in prefixKey order, keeping
+// only the first index of each distinct prefix.
+func uniqueSorted(prefixes []netip.Prefix) []int32 {
+	keys := make([]prefixKey, len(prefixes))
+	for i, p := range prefixes {
+		a := p.Addr().As16()
+		keys[i] = prefixKey{
+			hi:        binary.BigEndian.Uint64(a[:8]),
+			lo:        binary.BigEndian.Uint64(a[8:]),
+			bitsIndex: uint64(p.Bits())<<32 | uint64(i),
 		}
-		if n := len(*out); n > 0 && (*out)[n-1].Contains(d.Prefix.Addr()) {
+	}
+	slices.SortFunc(keys, compareKeys)
+	out := make([]int32, 0, len(keys))
+	for i, k := range keys {
+		if i > 0 && k.hi == keys[i-1].hi && k.lo == keys[i-1].lo && k.bitsIndex>>32 == keys[i-1].bitsIndex>>32 {
 			continue
 		}
-		*out = append(*out, d.Prefix)
+		out = append(out, int32(k.bitsIndex))
+	}
+	return out
+}
+
+// aggregate splits the prefixes (in uniqueSorted order) by family and
+// drops those inside another one; all of them are passthrough, so the
+// dropped ones add nothing.
+func aggregate(prefixes []netip.Prefix, sorted []int32) (v4, v6 []netip.Prefix) {
+	for _, i := range sorted {
+		pr := prefixes[i]
+		out := &v4
+		if pr.Addr().Is6() {
+			out = &v6
+		}
+		if n := len(*out); n > 0 && (*out)[n-1].Contains(pr.Addr()) {
+			continue
+		}
+		*out = append(*out, pr)
 	}
 	return v4, v6
 }
 
-// comparePrefix orders by family, address, then shorter prefix first, so a
-// covering prefix comes before everything it covers.
-func comparePrefix(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.Bits(), b.Bits())
-}
-
-// hashDecisions hashes decisions sorted by comparePrefix, so that the order
-// in which the configuration listed them does not matter.
-func hashDecisions(sorted []Decision, enableIPv6 bool) string {
+// hashDecisions hashes the decisions in uniqueSorted order, so that the
+// order and repetitions in the configuration do not matter.
+func hashDecisions(decisions []Decision, sorted []int32, enableIPv6 bool) string {
 	h := sha256.New()
-	buf := fmt.Appendf(nil, "nfmasq policy v1 ipv6=%t\n", enableIPv6)
-	for _, d := range sorted {
-		buf = d.Prefix.AppendTo(buf)
-		buf = append(buf, ' ', byte(d.Action), byte(d.Source))
-		buf = strconv.AppendQuote(buf, d.Origin)
-		buf = append(buf, '\n')
-		if len(buf) > 32<<10 {
+	buf := fmt.Appendf(make([]byte, 0, 64<<10), "nfmasq policy v1 ipv6=%t\n", enableIPv6)
+	for _, i := range sorted {
+		d := decisions[i]
+		a := d.Prefix.Addr().As16()
+		buf = append(buf, a[:]...)
+		buf = append(buf, byte(d.Prefix.Bits()), b2u8(d.Prefix.Addr().Is4()), byte(d.Action), byte(d.Source))
+		buf = binary.AppendUvarint(buf, uint64(len(d.Origin)))
+		buf = append(buf, d.Origin...)
+		if len(buf) > 60<<10 {
 			h.Write(buf)
 			buf = buf[:0]
 		}
 	}
 	h.Write(buf)
 	return hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+func b2u8(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
 }
