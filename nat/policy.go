@@ -226,6 +226,11 @@ func Compile(in Input) (*Policy, error) {
 			return nil, err
 		}
 	case in.UseEgressPolicies:
+		// The file's list is replaced but the file is still the agent's:
+		// its other keys apply, so it must be valid all the same.
+		if err := in.Config.Validate(in.EnableIPv6); err != nil {
+			return nil, err
+		}
 		policies := slices.Clone(in.EgressPolicies)
 		slices.SortStableFunc(policies, func(x, y EgressPolicy) int { return strings.Compare(x.Name, y.Name) })
 		for _, ep := range policies {

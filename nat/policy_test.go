@@ -438,7 +438,8 @@ func TestCompileErrors(t *testing.T) {
 		{"misaligned cluster CIDR", Input{Config: DefaultConfig(true), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/14")}}, `cluster CIDR: CIDR "10.244.1.0/14" is not aligned to a CIDR block, ip: "10.244.1.0" network: "10.244.0.0/14"`},
 		{"invalid cluster CIDR", Input{Config: DefaultConfig(true), ClusterCIDRs: []netip.Prefix{{}}}, `cluster CIDR: invalid prefix "invalid Prefix"`},
 		{"mapped cluster CIDR", Input{Config: DefaultConfig(true), ClusterCIDRs: prefixes("::ffff:10.0.0.0/104")}, `cluster CIDR: CIDR "::ffff:10.0.0.0/104" is an IPv4-mapped IPv6 prefix; write it as an IPv4 CIDR`},
-		{"invalid egress destination", Input{UseEgressPolicies: true, EgressPolicies: []EgressPolicy{{Name: "x", Destinations: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/8")}}}}, `EgressNATPolicy "x": CIDR "10.1.0.0/8" is not aligned to a CIDR block, ip: "10.1.0.0" network: "10.0.0.0/8"`},
+		{"invalid config with egress policies", Input{UseEgressPolicies: true, Config: Config{CIDRLimit: 5}}, "resyncInterval must be positive, got 0s"},
+		{"invalid egress destination", Input{Config: DefaultConfig(true), UseEgressPolicies: true, EgressPolicies: []EgressPolicy{{Name: "x", Destinations: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/8")}}}}, `EgressNATPolicy "x": CIDR "10.1.0.0/8" is not aligned to a CIDR block, ip: "10.1.0.0" network: "10.0.0.0/8"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
