@@ -13,7 +13,7 @@ import (
 // pass, so the measured state is the steady one of flows already seen.
 func BenchmarkReplayInMemory(b *testing.B) {
 	data, st := generate(b, benchConfig)
-	r := replay.New(testPolicy(b), nil)
+	r := replay.New(testPolicy(b), replay.Options{})
 	if err := r.Replay(bytes.NewReader(data)); err != nil {
 		b.Fatal(err)
 	}

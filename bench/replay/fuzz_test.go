@@ -73,7 +73,7 @@ func FuzzReplay(f *testing.F) {
 	f.Add(ip4Packet)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var log bytes.Buffer
-		r := replay.New(policy, &log)
+		r := replay.New(policy, replay.Options{Log: &log})
 		if err := r.Replay(bytes.NewReader(data)); err != nil {
 			if s := r.Summary(); s.Records != 0 {
 				t.Fatalf("header error %v after %d records", err, s.Records)

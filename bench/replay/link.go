@@ -47,6 +47,9 @@ const (
 	// SkipDecode: the IP decoder rejected the packet; Code is its
 	// packet.Status, and the reason is the status name ("bad_version").
 	SkipDecode
+	// SkipNotFromPod: the IP packet's source is outside the pod CIDRs the
+	// Replayer was given, so the agent would not see it ("not_from_pod").
+	SkipNotFromPod
 	// SkipTruncatedRecord: the capture file ends inside a record
 	// ("truncated_record").
 	SkipTruncatedRecord
@@ -86,6 +89,8 @@ func (s Skip) String() string {
 			return packet.Status(s.Code).String()
 		}
 		return "status_" + strconv.FormatUint(uint64(s.Code), 10)
+	case SkipNotFromPod:
+		return "not_from_pod"
 	case SkipTruncatedRecord:
 		return "truncated_record"
 	case SkipBadRecord:

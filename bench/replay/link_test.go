@@ -170,6 +170,7 @@ func TestSkipString(t *testing.T) {
 		{replay.Skip{Kind: replay.SkipDecode, Code: uint32(packet.BadVersion)}, "bad_version"},
 		{replay.Skip{Kind: replay.SkipDecode, Code: uint32(packet.Truncated)}, "truncated"},
 		{replay.Skip{Kind: replay.SkipDecode, Code: 300}, "status_300"},
+		{replay.Skip{Kind: replay.SkipNotFromPod}, "not_from_pod"},
 		{replay.Skip{Kind: replay.SkipTruncatedRecord}, "truncated_record"},
 		{replay.Skip{Kind: replay.SkipBadRecord}, "bad_record"},
 		{replay.Skip{Kind: 200}, "skip_200"},

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 	"unicode/utf8"
@@ -27,8 +28,10 @@ import (
 // the sum of Skipped.
 type Replayer struct {
 	policy *nat.Policy
+	pods   []netip.Prefix
 	flows  map[packet.FlowKey]struct{}
 	p      packet.Parsed
+	files  []string
 
 	records   uint64
 	ipPackets uint64
@@ -43,19 +46,52 @@ type Replayer struct {
 	logErr error
 }
 
-// New returns a Replayer deciding with policy. When log is not nil, a
-// FlowRecord is written to it, as one JSON line, for every new flow.
-func New(policy *nat.Policy, log io.Writer) *Replayer {
+// ErrFlowLog marks the errors of writing flow records: Replay and Flush
+// wrap the writer's error with it, so that a caller can tell a failing
+// log from an unreadable capture with errors.Is.
+var ErrFlowLog = errors.New("write flow log")
+
+// Options are a Replayer's optional settings.
+type Options struct {
+	// Log, when not nil, receives a FlowRecord, as one JSON line, for
+	// every new flow.
+	Log io.Writer
+	// PodCIDRs, when not empty, restrict decisions to packets from these
+	// ranges, as the agent's queue rule does (--pod-cidr); other IP
+	// packets are skipped as "not_from_pod". Empty means every packet is
+	// a pod's.
+	PodCIDRs []netip.Prefix
+}
+
+// New returns a Replayer deciding with policy.
+func New(policy *nat.Policy, opts Options) *Replayer {
 	r := &Replayer{
 		policy:  policy,
 		flows:   make(map[packet.FlowKey]struct{}),
 		skipped: make(map[Skip]uint64),
 	}
-	if log != nil {
-		r.log = bufio.NewWriterSize(log, 64<<10)
+	for _, p := range opts.PodCIDRs {
+		r.pods = append(r.pods, p.Masked())
+	}
+	if opts.Log != nil {
+		r.log = bufio.NewWriterSize(opts.Log, 64<<10)
 		r.logBuf = make([]byte, 0, 256)
 	}
 	return r
+}
+
+// fromPod reports whether src is in a pod CIDR, or there are none to
+// check.
+func (r *Replayer) fromPod(src netip.Addr) bool {
+	if len(r.pods) == 0 {
+		return true
+	}
+	for _, p := range r.pods {
+		if p.Contains(src) {
+			return true
+		}
+	}
+	return false
 }
 
 // Record replays one capture record of link type lt. It does not retain
@@ -74,6 +110,10 @@ func (r *Replayer) Record(lt layers.LinkType, frame []byte) {
 	}
 	if !r.p.Status.Valid() {
 		r.skipped[Skip{Kind: SkipDecode, Code: uint32(r.p.Status)}]++
+		return
+	}
+	if !r.fromPod(r.p.Src) {
+		r.skipped[Skip{Kind: SkipNotFromPod}]++
 		return
 	}
 	r.ipPackets++
@@ -134,8 +174,10 @@ func (r *Replayer) Replay(c io.Reader) error {
 	return r.Flush()
 }
 
-// ReplayFile is Replay on the file at path; errors name the file.
+// ReplayFile is Replay on the file at path; errors name the file, and the
+// Summary lists it.
 func (r *Replayer) ReplayFile(path string) error {
+	r.files = append(r.files, path)
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -154,7 +196,7 @@ func (r *Replayer) Flush() error {
 		r.logErr = r.log.Flush()
 	}
 	if r.logErr != nil {
-		return fmt.Errorf("write flow log: %w", r.logErr)
+		return fmt.Errorf("%w: %w", ErrFlowLog, r.logErr)
 	}
 	return nil
 }
@@ -162,13 +204,16 @@ func (r *Replayer) Flush() error {
 // Summary is the account of a replay, printed by `nfmasq replay` as one
 // JSON object.
 type Summary struct {
+	// Files are the captures replayed by ReplayFile, in order.
+	Files []string `json:"files,omitempty"`
 	// PolicyHash is (*nat.Policy).Hash of the policy that decided.
 	PolicyHash string `json:"policy_hash"`
 	// Records is every record read, including the one a read error
 	// stopped at.
 	Records uint64 `json:"records"`
 	// IPPackets is the records whose IP packet decoded well enough to be
-	// decided (packet.Status.Valid).
+	// decided (packet.Status.Valid), and came from a pod when PodCIDRs
+	// were given.
 	IPPackets uint64 `json:"ip_packets"`
 	// Flows is the number of distinct flow keys, each decided once.
 	Flows uint64 `json:"flows"`
@@ -211,6 +256,7 @@ func (r *Replayer) Skipped(skip Skip) uint64 { return r.skipped[skip] }
 // Summary returns the account of everything replayed so far.
 func (r *Replayer) Summary() Summary {
 	s := Summary{
+		Files:      slices.Clone(r.files),
 		PolicyHash: r.policy.Hash(),
 		Records:    r.records,
 		IPPackets:  r.ipPackets,

@@ -102,7 +102,7 @@ func TestReplayCaptures(t *testing.T) {
 		name := filepath.Base(path)
 		t.Run(name, func(t *testing.T) {
 			var log bytes.Buffer
-			r := replay.New(policy, &log)
+			r := replay.New(policy, replay.Options{Log: &log})
 			if err := r.ReplayFile(path); err != nil {
 				t.Fatal(err)
 			}
@@ -210,7 +210,7 @@ func TestReplayLinkTypes(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r := replay.New(testPolicy(t), nil)
+			r := replay.New(testPolicy(t), replay.Options{})
 			if err := r.Replay(bytes.NewReader(pcapFile(t, tc.lt, false, tc.frames...))); err != nil {
 				t.Fatal(err)
 			}
@@ -246,7 +246,7 @@ func equalCounts(a, b map[string]uint64) bool {
 func TestReplayMixedPCAPNG(t *testing.T) {
 	data := pcapngFile(t, []layers.LinkType{replay.LinkEthernet, replay.LinkSLL2, layers.LinkTypeIEEE802_11},
 		ngRecord{0, ether(0x0800, ip4Packet)}, ngRecord{1, sll2(0x86dd, ip6Packet)}, ngRecord{2, ip4Packet})
-	r := replay.New(testPolicy(t), nil)
+	r := replay.New(testPolicy(t), replay.Options{})
 	if err := r.Replay(bytes.NewReader(data)); err != nil {
 		t.Fatal(err)
 	}
@@ -257,11 +257,34 @@ func TestReplayMixedPCAPNG(t *testing.T) {
 	}
 }
 
+// TestReplayPodCIDRs decides only what the agent's queue rule would hand
+// it: packets from the pod CIDRs.
+func TestReplayPodCIDRs(t *testing.T) {
+	request := pkt4(udpHeader(40000, 53)) // 10.244.0.2 > 8.8.8.8
+	reply := bytes.Clone(request)
+	copy(reply[12:16], request[16:20])
+	copy(reply[16:20], request[12:16])
+	node := bytes.Clone(request)
+	copy(node[12:16], []byte{10, 128, 0, 5})
+	data := pcapFile(t, replay.LinkRaw, false, request, reply, node, ip6Packet, request)
+	r := replay.New(testPolicy(t), replay.Options{PodCIDRs: []netip.Prefix{
+		netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00::1/64"),
+	}})
+	if err := r.Replay(bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	s := r.Summary()
+	checkBalance(t, s)
+	if s.IPPackets != 3 || s.Flows != 2 || s.Skipped["not_from_pod"] != 2 {
+		t.Errorf("summary %+v, want 3 IP packets from pods in 2 flows, 2 packets not from a pod", s)
+	}
+}
+
 // TestReplayTruncated counts the record a cut capture ends in, and says why
 // reading stopped.
 func TestReplayTruncated(t *testing.T) {
 	data := pcapFile(t, replay.LinkRaw, false, ip4Packet, ip6Packet)
-	r := replay.New(testPolicy(t), nil)
+	r := replay.New(testPolicy(t), replay.Options{})
 	if err := r.Replay(bytes.NewReader(data[:len(data)-5])); err != nil {
 		t.Fatal(err)
 	}
@@ -286,7 +309,7 @@ func TestReplayGenerated(t *testing.T) {
 	for _, cfg := range tests {
 		data, st := generate(t, cfg)
 		var log bytes.Buffer
-		r := replay.New(testPolicy(t), &log)
+		r := replay.New(testPolicy(t), replay.Options{Log: &log})
 		if err := r.Replay(bytes.NewReader(data)); err != nil {
 			t.Fatal(err)
 		}
@@ -321,10 +344,10 @@ func TestRecordSteadyStateDoesNotAllocate(t *testing.T) {
 	}
 	for _, log := range []bool{false, true} {
 		var w *bytes.Buffer
-		r := replay.New(testPolicy(t), nil)
+		r := replay.New(testPolicy(t), replay.Options{})
 		if log {
 			w = &bytes.Buffer{}
-			r = replay.New(testPolicy(t), w)
+			r = replay.New(testPolicy(t), replay.Options{Log: w})
 		}
 		for _, rec := range recs {
 			r.Record(rec.lt, rec.frame)
@@ -348,7 +371,7 @@ func TestReplayAllocationsDoNotGrowWithPackets(t *testing.T) {
 	short, _ := generate(t, cfg)
 	cfg.PacketsPerFlow = 20
 	long, _ := generate(t, cfg)
-	r := replay.New(testPolicy(t), nil)
+	r := replay.New(testPolicy(t), replay.Options{})
 	if err := r.Replay(bytes.NewReader(long)); err != nil {
 		t.Fatal(err)
 	}
@@ -369,7 +392,7 @@ func TestReplayAllocationsDoNotGrowWithPackets(t *testing.T) {
 // TestReplayAccumulates replays two captures into one account.
 func TestReplayAccumulates(t *testing.T) {
 	data := pcapFile(t, replay.LinkRaw, false, ip4Packet, ip6Packet, []byte{0x10})
-	r := replay.New(testPolicy(t), nil)
+	r := replay.New(testPolicy(t), replay.Options{})
 	for range 2 {
 		if err := r.Replay(bytes.NewReader(data)); err != nil {
 			t.Fatal(err)
@@ -410,7 +433,7 @@ func TestReplayErrors(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			err := tc.run(replay.New(testPolicy(t), nil))
+			err := tc.run(replay.New(testPolicy(t), replay.Options{}))
 			if err == nil {
 				t.Fatal("no error")
 			}
@@ -423,10 +446,10 @@ func TestReplayErrors(t *testing.T) {
 	}
 
 	t.Run("log write fails", func(t *testing.T) {
-		r := replay.New(testPolicy(t), failingWriter{})
+		r := replay.New(testPolicy(t), replay.Options{Log: failingWriter{}})
 		err := r.Replay(bytes.NewReader(pcapFile(t, replay.LinkRaw, false, ip4Packet)))
-		if err == nil || !strings.Contains(err.Error(), "disk full") {
-			t.Errorf("error %v, want the log's", err)
+		if err == nil || !strings.Contains(err.Error(), "disk full") || !errors.Is(err, replay.ErrFlowLog) {
+			t.Errorf("error %v, want the log's, marked ErrFlowLog", err)
 		}
 	})
 }
@@ -445,7 +468,7 @@ func TestFlowRecordEscapesOrigin(t *testing.T) {
 			t.Fatal(err)
 		}
 		var log bytes.Buffer
-		r := replay.New(p, &log)
+		r := replay.New(p, replay.Options{Log: &log})
 		if err := r.Replay(bytes.NewReader(pcapFile(t, replay.LinkRaw, false, ip4Packet))); err != nil {
 			t.Fatal(err)
 		}
