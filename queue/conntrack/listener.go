@@ -58,6 +58,15 @@ type Config struct {
 	// ReadBuffer is the socket receive buffer in bytes (DefaultReadBuffer);
 	// as root it may exceed net.core.rmem_max.
 	ReadBuffer int
+	// Reliable asks the kernel to hold a destroy event the socket cannot
+	// take and deliver it again later, instead of dropping it and
+	// reporting an overrun (NETLINK_BROADCAST_ERROR with
+	// NETLINK_NO_ENOBUFS, as conntrackd's reliable mode). No destroy event
+	// is then lost, but a destroyed entry the listener has not yet read
+	// still counts against nf_conntrack_max: a reader that falls far
+	// behind could fill the table. Cannot be combined with New, whose
+	// losses would then go unreported.
+	Reliable bool
 	// OnOverrun, if set, is called on the reader goroutine after each
 	// socket overrun: the kernel dropped at least one event. It must not
 	// block (flowlog.Logger.ReportLost does not).
@@ -73,7 +82,10 @@ type Stats struct {
 	// Delivered those sent on Events; Dropped those the full channel
 	// could not take.
 	Received, Ignored, Delivered, Dropped uint64
-	// Overruns counts ENOBUFS on the socket: each lost one or more events.
+	// Overruns counts ENOBUFS reports on the socket. Each means the kernel
+	// dropped one or more events, and it goes on dropping, without a new
+	// report, until the reader has emptied the socket buffer: the number
+	// of events lost is unknown. Reliable avoids it for destroy events.
 	Overruns uint64
 	// DecodeErrors counts messages that did not decode as a conntrack event.
 	DecodeErrors uint64

@@ -24,6 +24,9 @@ func Listen(cfg Config) (*Listener, error) {
 	if cfg.Buffer < 0 || cfg.ReadBuffer < 0 {
 		return nil, errors.New("conntrack listener buffers must not be negative")
 	}
+	if cfg.Reliable && cfg.New {
+		return nil, errors.New("conntrack listener: Reliable cannot be combined with New: lost new-flow events would go unreported")
+	}
 	if cfg.Buffer == 0 {
 		cfg.Buffer = DefaultBuffer
 	}
@@ -37,6 +40,14 @@ func Listen(cfg Config) (*Listener, error) {
 	if err := conn.SetReadBuffer(cfg.ReadBuffer); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("conntrack event socket buffer: %w", err)
+	}
+	if cfg.Reliable {
+		for _, opt := range []netlink.ConnOption{netlink.BroadcastError, netlink.NoENOBUFS} {
+			if err := conn.SetOption(opt, true); err != nil {
+				conn.Close()
+				return nil, fmt.Errorf("reliable conntrack events: %w", err)
+			}
+		}
 	}
 	groups := []netfilter.NetlinkGroup{netfilter.GroupCTDestroy}
 	if cfg.New {
