@@ -48,10 +48,15 @@ type family4 struct {
 
 // family6 is the IPv6 trie over 128-bit keys, laid out like family4 with
 // keys stored as (hi, lo) word pairs: [n, hi1, lo1 … hi(n-1), lo(n-1), val0 … val(n-1)].
+// The root covers only the region of keys whose top skip bits equal
+// region; the rest of the space answers before or after.
 type family6 struct {
-	slots     []uint32
-	blocks    []uint64
-	rootShift uint8 // of the high word
+	slots         []uint32
+	blocks        []uint64
+	region        uint64
+	before, after uint32 // slot-encoded answers outside the region
+	skip          uint8
+	rootShift     uint8 // of the high word, after dropping the skip bits
 }
 
 // Lookup returns the index (into the slice given to Compile) of the most
@@ -61,20 +66,23 @@ type family6 struct {
 // zone is ignored (unlike netip.Prefix.Contains): packets carry none, and
 // a zoned address is still inside its prefix.
 func (t *Table) Lookup(addr netip.Addr) int {
+	// The IPv4 root probe is written out here, not in a method, so that
+	// the common case (the root slot holds the answer) costs one call.
 	if addr.Is4() {
 		a := addr.As4()
-		return t.v4.lookup(binary.BigEndian.Uint32(a[:]))
+		key := binary.BigEndian.Uint32(a[:])
+		e := t.v4.slots[key>>t.v4.rootShift]
+		if e < slotBlock {
+			return int(e) - 1
+		}
+		return t.v4.below(e, key)
 	}
-	if addr.Is6() {
-		a := addr.As16()
-		return t.v6.lookup(binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:]))
-	}
-	return NoMatch
+	return t.lookup6(addr)
 }
 
-func (f *family4) lookup(key uint32) int {
+// below resolves a root slot e that is not an answer.
+func (f *family4) below(e, key uint32) int {
 	shift := uint(f.rootShift)
-	e := f.slots[key>>shift]
 	for e >= slotBlock {
 		off := e & offsetMask
 		if e < slotNode {
@@ -93,9 +101,22 @@ func (f *family4) lookup(key uint32) int {
 	return int(e) - 1
 }
 
-func (f *family6) lookup(hi, lo uint64) int {
-	e := f.slots[hi>>f.rootShift]
-	shift := 64 + uint(f.rootShift)
+func (t *Table) lookup6(addr netip.Addr) int {
+	if !addr.Is6() {
+		return NoMatch
+	}
+	a := addr.As16()
+	hi, lo := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:])
+	f := &t.v6
+	var e uint32
+	if top := hi >> (64 - f.skip); top == f.region {
+		e = f.slots[hi<<f.skip>>f.rootShift]
+	} else if top < f.region {
+		e = f.before
+	} else {
+		e = f.after
+	}
+	shift := 64 + uint(f.rootShift) - uint(f.skip)
 	for e >= slotBlock {
 		off := e & offsetMask
 		if e < slotNode {
