@@ -379,3 +379,22 @@ func BenchmarkAppendJSON(b *testing.B) {
 		})
 	}
 }
+
+// The schema reference shows the golden records; keep it in step.
+func TestDocsShowGoldenRecords(t *testing.T) {
+	doc, err := os.ReadFile(filepath.Join("..", "..", "docs", "flow-log.md"))
+	if err != nil {
+		t.Skipf("docs not found: %v", err)
+	}
+	for name := range goldenRecords {
+		golden, err := os.ReadFile(filepath.Join("testdata", name+".golden"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range bytes.Lines(golden) {
+			if !bytes.Contains(doc, line) {
+				t.Errorf("docs/flow-log.md does not show this %s record:\n%s", name, line)
+			}
+		}
+	}
+}
