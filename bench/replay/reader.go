@@ -1,7 +1,7 @@
 package replay
 
 import (
-	"bytes"
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -52,6 +52,10 @@ const (
 	magicGzip        = 0x1f8b // first two bytes only
 )
 
+// readBufferSize is the Reader's buffer: large enough that refilling it is
+// rare next to the per-record work.
+const readBufferSize = 64 << 10
+
 // Reader yields the records of a pcap or pcapng capture with their link
 // types. It reads through gopacket's pcapgo, without allocating per record
 // once its buffer has grown to the largest record.
@@ -66,21 +70,23 @@ type Reader struct {
 // for its records. A header that is missing, cut short or not a capture is
 // an error (ErrUnknownFormat, ErrTruncated, or pcapgo's own).
 func NewReader(r io.Reader) (*Reader, error) {
-	var magic [4]byte
-	n, err := io.ReadFull(r, magic[:])
+	// pcapgo wraps its input in a bufio.Reader unless it already is one of
+	// at least the default size; handing it ours lets the magic be peeked
+	// at without a second layer of buffering on every record.
+	br := bufio.NewReaderSize(r, readBufferSize)
+	magic, err := br.Peek(4)
 	switch {
-	case n == 0 && errors.Is(err, io.EOF):
+	case len(magic) == 0 && errors.Is(err, io.EOF):
 		return nil, errors.New("empty file: no capture header")
-	case errors.Is(err, io.ErrUnexpectedEOF):
+	case errors.Is(err, io.EOF):
 		return nil, fmt.Errorf("capture header: %w", ErrTruncated)
 	case err != nil:
 		return nil, fmt.Errorf("capture header: %w", err)
 	}
-	// The magic was consumed to look at it; pcapgo wants the whole header.
-	full := io.MultiReader(bytes.NewReader(magic[:]), r)
+	full := br
 
 	rd := &Reader{}
-	switch m := binary.BigEndian.Uint32(magic[:]); {
+	switch m := binary.BigEndian.Uint32(magic); {
 	case m == magicPCAPMicro, m == magicPCAPNano, m == magicPCAPMicroLE, m == magicPCAPNanoLE, m>>16 == magicGzip:
 		rd.format = PCAP
 		rd.pcap, err = pcapgo.NewReader(full)
