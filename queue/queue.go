@@ -176,7 +176,9 @@ type Event struct {
 	VerdictErr error
 }
 
-// Stats is a snapshot of a Queue's counters since New.
+// Stats is a snapshot of a Queue's counters since New. Once no packet is
+// being handled, Packets = Masquerade + Passthrough + the sum of
+// Undecided; a snapshot taken while one is may lag by that packet.
 type Stats struct {
 	// Packets received from the kernel.
 	Packets uint64
@@ -386,11 +388,9 @@ func (h *handler) handle(in *inbound) {
 	outcome, d := h.decide(in)
 	var err error
 	if outcome == Decided {
-		var v uint32
+		v := h.marks.Passthrough
 		if d.Action == nat.Masquerade {
 			v = h.marks.Masquerade
-		} else {
-			v = h.marks.Passthrough
 		}
 		h.ev.Mark = h.marks.apply(in.mark, v)
 		err = h.send.verdict(in.id, h.ev.Mark, true)
@@ -401,6 +401,8 @@ func (h *handler) handle(in *inbound) {
 	answered = true
 	latency := h.q.now() - in.received
 
+	// Counted after the verdict, so that a packet whose verdict
+	// panicked is counted once, as Panicked.
 	c := h.c
 	if err != nil {
 		c.verdictErrors.Add(1)
