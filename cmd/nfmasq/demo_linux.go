@@ -15,7 +15,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/conntrack"
 )
 
 // demo builds a throw-away sandbox (pod, node, remote namespaces), runs the
@@ -71,7 +74,6 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	}
 	defer agentOut.Close()
 	agent.Stdout, agent.Stderr = agentOut, agentOut
-	agent.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	agent.Cancel = func() error { return agent.Process.Signal(syscall.SIGTERM) }
 	agent.WaitDelay = 10 * time.Second
 	if err := agent.Start(); err != nil {
@@ -115,7 +117,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	decisions, err := waitDecisions(ctx, flowLog, 4)
+	decisions, err := waitRecords(ctx, flowLog, "decision", 4)
 	if err != nil {
 		return err
 	}
@@ -135,7 +137,17 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintf(stdout, "  %-3s to %-15s from %-21s %s\n", s.Proto, s.Dst, s.Src, what)
 	}
-	fmt.Fprintf(stdout, "\nflow log records:\n")
+	// End the flows now rather than at conntrack's timeouts, so the flow
+	// log's end records (counters, the translated source) show up too.
+	if _, err := conntrack.DeleteStale(ctx, top.Node.FD(), func(f conntrack.Flow) bool {
+		return netnstest.PodCIDR4.Contains(f.Orig.Src.Addr())
+	}, []uint8{6, 17}); err != nil {
+		return fmt.Errorf("end the demo flows: %w", err)
+	}
+	if _, err := waitRecords(ctx, flowLog, "end", 4); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "\nflow log records (4 decisions, then 4 flow ends once conntrack removed the flows):\n")
 	raw, _ := os.ReadFile(flowLog)
 	stdout.Write(raw)
 	fmt.Fprintln(stdout, "\nsandbox removed.")
@@ -155,8 +167,8 @@ type demoDecision struct {
 	Source string `json:"source"`
 }
 
-// waitDecisions waits until the flow log holds n decision records.
-func waitDecisions(ctx context.Context, path string, n int) ([]demoDecision, error) {
+// waitRecords waits until the flow log holds n records of kind.
+func waitRecords(ctx context.Context, path, kind string, n int) ([]demoDecision, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	for {
@@ -165,7 +177,7 @@ func waitDecisions(ctx context.Context, path string, n int) ([]demoDecision, err
 			sc := bufio.NewScanner(f)
 			for sc.Scan() {
 				var d demoDecision
-				if json.Unmarshal(sc.Bytes(), &d) == nil && d.Kind == "decision" {
+				if json.Unmarshal(sc.Bytes(), &d) == nil && d.Kind == kind {
 					out = append(out, d)
 				}
 			}
@@ -176,8 +188,27 @@ func waitDecisions(ctx context.Context, path string, n int) ([]demoDecision, err
 		}
 		select {
 		case <-ctx.Done():
-			return out, fmt.Errorf("flow log %s has %d decision records, want %d: %w", path, len(out), n, ctx.Err())
+			return out, fmt.Errorf("flow log %s has %d %s records, want %d: %w", path, len(out), kind, n, ctx.Err())
 		case <-time.After(50 * time.Millisecond): // polling a file under a deadline
 		}
 	}
 }
+
+func newDemoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "demo",
+		Short: "Run the agent in a throw-away sandbox of network namespaces and show its decisions (root)",
+		Long: `Build a sandbox of network namespaces (a pod, a node, an "internal" host in
+10.0.0.0/8 and an "internet" host outside every non-masquerade range), run
+the agent in the node on the built-in default policy, send TCP and UDP from
+the pod to both hosts, and print each decision beside the source address
+each host saw. Everything is removed on exit, Ctrl-C included; no traffic
+leaves the sandbox.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return demo(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+}
+
+func init() { rootCmd.AddCommand(newDemoCmd()) }

@@ -1,5 +1,3 @@
-//go:build nfmasq_agent_pending
-
 package main
 
 import (

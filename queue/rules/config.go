@@ -149,6 +149,11 @@ type Config struct {
 	// QueueEnabled false installs only the kernel fallback (no queue, no
 	// marks): ip-masq-agent's behaviour, the anchor for benchmarks.
 	QueueEnabled bool
+	// QueuePaused keeps the whole queue layout but sends nothing to the
+	// queue: the agent's shutdown state. Every new flow then goes to the
+	// fallback, which still marks it (so conntrack records who decided),
+	// and nothing waits in a queue whose reader is about to close.
+	QueuePaused bool
 }
 
 // DefaultConfig returns a Config with every default set and no prefixes.

@@ -63,6 +63,9 @@ func layout(cfg *Config, fam Family) []table {
 		masked := func(v uint32) string { return fmt.Sprintf("%#x/%#x", v, m.Mask) }
 		var forward []string
 		for _, p := range pods {
+			if cfg.QueuePaused {
+				break
+			}
 			forward = append(forward, join("-s", p.String(), "-m mark --mark", "0x0/"+fmt.Sprintf("%#x", m.Mask),
 				comment("undecided pod flow: first packet to the agent"), "-j NFQUEUE", queueTarget(cfg), "--queue-bypass"))
 		}

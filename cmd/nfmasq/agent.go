@@ -1,0 +1,399 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/rules"
+)
+
+// agentFlags are the flags of `nfmasq agent` beyond the policy and
+// dataplane ones shared with `rules`.
+type agentFlags struct {
+	policy    policyFlags
+	dataplane dataplaneFlags
+
+	metricsAddr  string
+	workers      int
+	logFormat    string
+	logLevel     string
+	reconcileTCP bool
+	audit        auditFlags
+}
+
+func newAgentCmd() *cobra.Command {
+	var f agentFlags
+	cmd := &cobra.Command{
+		Use:   "agent --pod-cidr CIDR [flags]",
+		Short: "Run the node agent: queue the first packet of each pod flow, decide, let the kernel masquerade",
+		Long: `Run the node agent (the DaemonSet process). It installs nfmasq's iptables
+chains, binds the NFQUEUE, decides the first packet of each pod flow with
+the policy (ip-masq-agent's config file, GKE's defaults) and answers with a
+packet mark that the kernel saves in the connmark; MASQUERADE applies to
+the masquerade mark. A static fallback chain written from the same policy
+decides whatever the agent does not (agent down, queue full), so NAT is
+right whether or not the agent runs. The config file is watched and
+re-read every resyncInterval; a bad file keeps the last good policy.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runAgent(cmd.Context(), &f, cmd.ErrOrStderr())
+		},
+	}
+	fs := cmd.Flags()
+	f.policy.register(fs)
+	// Exposed on the agent to emulate a node without the masquerade
+	// DaemonSet (GKE's built-in default SNAT): the e2e tests use it to
+	// reproduce every row of GKE's Standard-cluster table.
+	f.policy.registerClusterModel(fs)
+	f.dataplane.register(fs)
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "127.0.0.1:9741",
+		`address for /metrics, /healthz and /readyz ("" disables); keep it on loopback unless a scraper needs it`)
+	fs.IntVar(&f.workers, "workers", 0, "decision workers per queue (0: decide on each queue's receive goroutine)")
+	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&f.reconcileTCP, "reconcile-tcp", false,
+		"on a policy change also delete the conntrack entries of TCP flows whose decision changed (breaks those connections); UDP and ICMP are always re-decided")
+	f.audit.register(fs)
+	return cmd
+}
+
+func init() { rootCmd.AddCommand(newAgentCmd()) }
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+// agent is one running `nfmasq agent`. The policy pointer is the only
+// state the dataplane reads; everything else belongs to the control loop.
+type agent struct {
+	flags   *agentFlags
+	log     *slog.Logger
+	metrics *agentMetrics
+
+	policy     atomic.Pointer[nat.Policy]
+	generation atomic.Uint64
+	rulesCfg   rules.Config // the rule set last installed (queue enabled)
+	installer  *rules.Installer
+	podCIDRs   []netip.Prefix
+	queueNums  []uint16
+
+	ready   atomic.Bool
+	healthy atomic.Bool
+
+	lastErr  string // last distinct config error logged
+	lastWarn string // last distinct set of warnings logged
+	driftLog bool   // rules drift already reported since the last clean check
+}
+
+// errStartup marks errors that come from flags: the agent refuses to start.
+func startupError(err error) error { return &exitError{code: exitConfig, err: err} }
+
+func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
+	log, err := newLogger(stderr, f.logFormat, f.logLevel)
+	if err != nil {
+		return startupError(err)
+	}
+	if f.workers < 0 {
+		return startupError(fmt.Errorf("--workers %d: must be 0 or more", f.workers))
+	}
+	if len(f.dataplane.podCIDRs) == 0 {
+		cidrs, err := discoverPodCIDRs(ctx, f)
+		if err != nil {
+			return startupError(err)
+		}
+		f.dataplane.podCIDRs = cidrs
+		log.Info("pod CIDRs from the node object", "podCIDRs", cidrs)
+	}
+	if f.dataplane.queues == 0 {
+		return startupError(errors.New("--queues 0: need at least one queue"))
+	}
+	if int(f.dataplane.queueNum)+int(f.dataplane.queues)-1 > 65535 {
+		return startupError(fmt.Errorf("--queue-num %d with --queues %d runs past queue 65535", f.dataplane.queueNum, f.dataplane.queues))
+	}
+	// Check every dataplane flag now, with a stand-in policy: a bad
+	// --mark-mask or --pod-cidr must stop the start, not a reload.
+	probe, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(true), EnableIPv6: f.policy.enableIPv6})
+	if err != nil {
+		return startupError(err)
+	}
+	baseCfg, err := f.dataplane.rulesConfig(probe)
+	if err != nil {
+		return startupError(err)
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
+	defer stop()
+
+	a := &agent{flags: f, log: log, podCIDRs: baseCfg.PodCIDRs}
+	for i := uint16(0); i < f.dataplane.queues; i++ {
+		a.queueNums = append(a.queueNums, f.dataplane.queueNum+i)
+	}
+	a.healthy.Store(true)
+
+	det, err := f.dataplane.resolveBackend(ctx, rules.ExecRunner{})
+	if err != nil {
+		return startupError(err)
+	}
+	log.Info("iptables backend", "backend", det.Backend, "reason", det.Reason)
+	a.installer = &rules.Installer{Runner: rules.ExecRunner{}, Backend: det.Backend}
+
+	audit, err := newAudit(ctx, a, &f.audit)
+	if err != nil {
+		return startupError(err)
+	}
+	defer audit.Close()
+
+	q, err := queue.New(queue.Config{
+		QueueNums: a.queueNums,
+		Workers:   f.workers,
+		Marks: queue.Marks{
+			Mask:        baseCfg.Mark.Mask,
+			Masquerade:  baseCfg.Mark.Masquerade,
+			Passthrough: baseCfg.Mark.Passthrough,
+		},
+		Policy:   a.policy.Load,
+		Observer: audit,
+		Logger:   log,
+	})
+	if err != nil {
+		return startupError(err)
+	}
+	a.metrics = newAgentMetrics(a, q, audit)
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	if f.metricsAddr != "" {
+		srv, err := a.serveHTTP(f.metricsAddr)
+		if err != nil {
+			return startupError(err)
+		}
+		defer srv.Shutdown(context.Background())
+	}
+
+	// The queue is bound before the rules send packets to it, so the
+	// first flows find someone listening rather than the bypass.
+	queueCtx, stopQueue := context.WithCancel(context.Background())
+	defer stopQueue()
+	queueErr := make(chan error, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		queueErr <- q.Run(queueCtx)
+	}()
+	select {
+	case <-q.Ready():
+	case err := <-queueErr:
+		return fmt.Errorf("bind NFQUEUE %v: %w", a.queueNums, err)
+	case <-ctx.Done():
+		return nil
+	}
+	log.Info("queue bound", "queues", a.queueNums, "workers", f.workers)
+
+	watch := newConfigWatch(f.policy.configPath, log)
+	defer watch.Close()
+	a.reload(ctx, "start")
+
+	for {
+		interval := a.resyncInterval()
+		timer := time.NewTimer(interval)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return a.shutdown(stopQueue, queueErr)
+		case err := <-queueErr:
+			timer.Stop()
+			a.healthy.Store(false)
+			a.ready.Store(false)
+			// The fallback chain keeps NAT right; the restart brings
+			// the audit trail back.
+			return fmt.Errorf("queue stopped: %w", err)
+		case <-watch.Changed():
+			timer.Stop()
+			a.reload(ctx, "config file changed")
+		case <-timer.C:
+			a.reload(ctx, "resync")
+		}
+	}
+}
+
+// resyncInterval is the current policy's resyncInterval, or the default
+// while no policy was ever loaded.
+func (a *agent) resyncInterval() time.Duration {
+	if p := a.policy.Load(); p != nil {
+		if d := p.Effective().ResyncInterval; d > 0 {
+			return d
+		}
+	}
+	return nat.DefaultConfig(true).ResyncInterval
+}
+
+// reload reads the config, swaps the policy when it changed, and makes
+// the kernel rules match. A bad config keeps the last good policy (and
+// rules); each distinct error is logged once and every failure counted.
+func (a *agent) reload(ctx context.Context, why string) {
+	pol, warnings, err := a.flags.policy.load()
+	if err != nil {
+		a.metrics.reloadFailures.Inc()
+		if msg := err.Error(); msg != a.lastErr {
+			a.lastErr = msg
+			a.log.Error("config rejected; keeping the last good policy", "path", a.flags.policy.configPath, "err", err, "trigger", why)
+		}
+		if a.policy.Load() == nil {
+			a.setNotReady("no valid config yet: " + err.Error())
+		}
+		return
+	}
+	a.lastErr = ""
+	if w := fmt.Sprint(warnings, pol.Notes()); w != a.lastWarn {
+		a.lastWarn = w
+		for _, s := range warnings {
+			a.log.Warn(s, "path", a.flags.policy.configPath)
+		}
+		for _, s := range pol.Notes() {
+			a.log.Info(s)
+		}
+	}
+
+	old := a.policy.Load()
+	if old != nil && old.Hash() == pol.Hash() {
+		a.checkRules(ctx)
+		return
+	}
+	cfg, err := a.flags.dataplane.rulesConfig(pol)
+	if err != nil {
+		// Flags were checked at start; only the policy can make this
+		// fail (say, IPv6 CIDRs in a family the rules lack).
+		a.metrics.reloadFailures.Inc()
+		a.log.Error("policy cannot be installed; keeping the last good one", "err", err)
+		return
+	}
+	if err := a.installer.Install(ctx, cfg); err != nil {
+		a.metrics.installErrors.Inc()
+		a.log.Error("installing rules failed; will retry at the next resync", "err", err)
+		if old == nil {
+			a.setNotReady("rules not installed: " + err.Error())
+		}
+		return
+	}
+	a.rulesCfg = cfg
+	a.policy.Store(pol)
+	gen := a.generation.Add(1)
+	a.driftLog = false
+	a.log.Info("policy in force", "generation", gen, "hash", pol.Hash(), "prefixes", pol.Len(),
+		"resyncInterval", pol.Effective().ResyncInterval.String(), "trigger", why)
+	if old != nil {
+		a.reconcileConntrack(ctx, old, pol)
+	}
+	a.ready.Store(true)
+}
+
+// checkRules restores the rule set when another process changed it.
+func (a *agent) checkRules(ctx context.Context) {
+	err := a.installer.Check(ctx, a.rulesCfg)
+	if err == nil {
+		a.driftLog = false
+		return
+	}
+	if !errors.Is(err, rules.ErrRulesChanged) {
+		a.log.Warn("could not read the live rules", "err", err)
+		return
+	}
+	if !a.driftLog {
+		a.driftLog = true
+		a.log.Warn("rules were changed by another process; restoring them", "diff", err)
+	}
+	if err := a.installer.Install(ctx, a.rulesCfg); err != nil {
+		a.metrics.installErrors.Inc()
+		a.log.Error("restoring rules failed; will retry at the next resync", "err", err)
+		return
+	}
+	a.metrics.rulesRestored.Inc()
+}
+
+func (a *agent) setNotReady(reason string) {
+	a.ready.Store(false)
+	a.log.Warn("not ready", "reason", reason)
+}
+
+// shutdown stops queueing first (the rules without the queue leave every
+// new flow to the fallback chain), then lets the queue answer what is in
+// flight, and leaves the fallback rules so NAT stays right until the next
+// agent starts.
+func (a *agent) shutdown(stopQueue context.CancelFunc, queueErr <-chan error) error {
+	a.ready.Store(false)
+	a.log.Info("stopping: handing new flows to the kernel fallback")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if a.policy.Load() != nil {
+		cfg := a.rulesCfg
+		cfg.QueuePaused = true
+		if err := a.installer.Install(ctx, cfg); err != nil {
+			a.log.Error("could not remove the queue rule; packets in flight may be dropped", "err", err)
+		}
+	}
+	stopQueue()
+	if err := <-queueErr; err != nil && !errors.Is(err, context.Canceled) {
+		a.log.Error("queue stopped with an error", "err", err)
+	}
+	a.log.Info("stopped; the fallback rules stay in place")
+	return nil
+}
+
+// serveHTTP starts the metrics and health server. It returns once the
+// listener is bound, so a bad address fails the start.
+func (a *agent) serveHTTP(addr string) (*http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", a.metrics.handler())
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.healthy.Load() {
+			http.Error(w, "queue stopped", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.ready.Load() {
+			http.Error(w, "not ready: rules not installed or queue not bound", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("metrics server stopped", "err", err)
+		}
+	}()
+	return srv, nil
+}

@@ -1,0 +1,158 @@
+package main
+
+import (
+	"net/http"
+	"os"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/packet"
+)
+
+// procQueuePath is where the kernel reports per-queue counters. It is
+// read in the agent's network namespace.
+const procQueuePath = "/proc/net/netfilter/nfnetlink_queue"
+
+// agentMetrics holds what the control loop and the audit path update
+// directly; everything the queue already counts is read at scrape time,
+// so the hot path pays for no metric.
+type agentMetrics struct {
+	reg            *prometheus.Registry
+	reloadFailures prometheus.Counter
+	installErrors  prometheus.Counter
+	rulesRestored  prometheus.Counter
+	latency        prometheus.Histogram
+}
+
+func newAgentMetrics(a *agent, q *queue.Queue, au *audit) *agentMetrics {
+	reg := prometheus.NewRegistry()
+	m := &agentMetrics{
+		reg: reg,
+		reloadFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "nfmasq_config_reload_failures_total",
+			Help: "Config loads that failed; the last good policy stayed in force.",
+		}),
+		installErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "nfmasq_rules_install_errors_total",
+			Help: "Failed attempts to install the iptables/ipset rule set.",
+		}),
+		rulesRestored: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "nfmasq_rules_restored_total",
+			Help: "Times the rule set was found changed by another process and restored.",
+		}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "nfmasq_decision_latency_seconds",
+			Help:    "Time from a packet's arrival in user space to its verdict.",
+			Buckets: []float64{1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3},
+		}),
+	}
+	reg.MustRegister(m.reloadFailures, m.installErrors, m.rulesRestored, m.latency,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		&queueCollector{q: q}, &policyCollector{a: a})
+	if au != nil {
+		reg.MustRegister(au.collector())
+	}
+	return m
+}
+
+func (m *agentMetrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
+}
+
+var (
+	descPackets   = prometheus.NewDesc("nfmasq_queue_packets_total", "Packets received from NFQUEUE (first packets of pod flows).", nil, nil)
+	descDecisions = prometheus.NewDesc("nfmasq_decisions_total", "Flows decided by the agent, by action.", []string{"action"}, nil)
+	descUndecided = prometheus.NewDesc("nfmasq_undecided_total", "Queued packets accepted without a decision (left to the kernel fallback), by reason.", []string{"reason"}, nil)
+	descMalformed = prometheus.NewDesc("nfmasq_malformed_packets_total", "Queued packets that did not decode, by decoder status.", []string{"status"}, nil)
+	descPanics    = prometheus.NewDesc("nfmasq_worker_panics_total", "Panics recovered while handling a packet (the packet was still answered).", nil, nil)
+	descVerdErr   = prometheus.NewDesc("nfmasq_verdict_errors_total", "Verdicts that could not be sent.", nil, nil)
+	descSkipped   = prometheus.NewDesc("nfmasq_queue_skipped_total", "Packet ids that never reached the agent (socket overflow; with fail-open the kernel fallback decided them).", nil, nil)
+	descNetlink   = prometheus.NewDesc("nfmasq_netlink_errors_total", "Netlink receive errors, by errno.", []string{"errno"}, nil)
+	descProc      = prometheus.NewDesc("nfmasq_nfqueue_kernel", "Kernel counters of each bound queue from "+procQueuePath+".", []string{"queue", "counter"}, nil)
+)
+
+// queueCollector reads the queue's counters and the kernel's at scrape time.
+type queueCollector struct{ q *queue.Queue }
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descPackets, descDecisions, descUndecided, descMalformed, descPanics, descVerdErr, descSkipped, descNetlink, descProc} {
+		ch <- d
+	}
+}
+
+func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.q.Stats()
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	counter(descPackets, s.Packets)
+	counter(descDecisions, s.Masquerade, nat.Masquerade.String())
+	counter(descDecisions, s.Passthrough, nat.Passthrough.String())
+	for o := queue.Outcome(1); o < queue.NumOutcomes; o++ {
+		counter(descUndecided, s.Undecided[o], o.String())
+	}
+	for st := packet.Status(0); st < packet.NumStatus; st++ {
+		if s.Malformed[st] > 0 {
+			counter(descMalformed, s.Malformed[st], st.String())
+		}
+	}
+	counter(descPanics, s.Panics)
+	counter(descVerdErr, s.VerdictErrors)
+	counter(descSkipped, s.Skipped)
+	counter(descNetlink, s.NetlinkENOBUFS, "ENOBUFS")
+	counter(descNetlink, s.NetlinkENOENT, "ENOENT")
+	counter(descNetlink, s.NetlinkOther, "other")
+
+	f, err := os.Open(procQueuePath)
+	if err != nil {
+		return // no queue bound yet: the file does not exist
+	}
+	defer f.Close()
+	stats, err := queue.ReadProcStats(f)
+	if err != nil {
+		return
+	}
+	for _, p := range stats {
+		q := strconv.FormatUint(uint64(p.QueueNum), 10)
+		for _, kv := range []struct {
+			name string
+			v    uint32
+		}{{"queue_total", p.QueueTotal}, {"queue_dropped", p.QueueDropped}, {"user_dropped", p.UserDropped}, {"id_sequence", p.IDSequence}} {
+			ch <- prometheus.MustNewConstMetric(descProc, prometheus.GaugeValue, float64(kv.v), q, kv.name)
+		}
+	}
+}
+
+var (
+	descGeneration = prometheus.NewDesc("nfmasq_policy_generation", "Policies put in force since start (1 after the first load).", nil, nil)
+	descPolicy     = prometheus.NewDesc("nfmasq_policy_info", "The policy in force: its hash (1 while in force).", []string{"hash"}, nil)
+	descPrefixes   = prometheus.NewDesc("nfmasq_policy_prefixes", "Non-masquerade prefixes in the policy in force.", nil, nil)
+	descReady      = prometheus.NewDesc("nfmasq_ready", "1 when rules are installed and the queue is bound.", nil, nil)
+)
+
+type policyCollector struct{ a *agent }
+
+func (c *policyCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descGeneration
+	ch <- descPolicy
+	ch <- descPrefixes
+	ch <- descReady
+}
+
+func (c *policyCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(descGeneration, prometheus.GaugeValue, float64(c.a.generation.Load()))
+	if p := c.a.policy.Load(); p != nil {
+		ch <- prometheus.MustNewConstMetric(descPolicy, prometheus.GaugeValue, 1, p.Hash())
+		ch <- prometheus.MustNewConstMetric(descPrefixes, prometheus.GaugeValue, float64(p.Len()))
+	}
+	ready := 0.0
+	if c.a.ready.Load() {
+		ready = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
+}
