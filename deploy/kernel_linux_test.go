@@ -3,6 +3,7 @@ package deploy
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,6 +17,9 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/conntrack"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
@@ -163,4 +167,87 @@ func checkEffectiveCaps(t *testing.T, ctx context.Context, r capRunner) {
 		}
 	}
 	t.Fatalf("no CapEff in /proc/self/status:\n%s", out)
+}
+
+// probeEnv makes TestCapabilityProbe act as the restricted process of
+// TestAgentCapabilitiesOpenQueueAndConntrack.
+const probeEnv = "NFMASQ_DEPLOY_CAPABILITY_PROBE"
+
+// TestAgentCapabilitiesOpenQueueAndConntrack runs the agent's netlink
+// start-up (bind an NFQUEUE with its 32 MiB receive buffer, listen to
+// conntrack events) in a process holding only the manifest's capabilities:
+// the test binary itself, restarted under setpriv in a fresh namespace.
+func TestAgentCapabilitiesOpenQueueAndConntrack(t *testing.T) {
+	netnstest.Require(t, "setpriv")
+	ds := get[*appsv1.DaemonSet](t, objects(t), "DaemonSet", namespace, "nfmasq")
+	granted := agentCapabilities(t, ds)
+	tests := []struct {
+		name string
+		caps []string
+		ok   bool
+	}{
+		{"manifest caps", granted, true},
+		{"no NET_ADMIN", slices.DeleteFunc(slices.Clone(granted), func(c string) bool { return c == "NET_ADMIN" }), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ns := netnstest.New(t, "deploy")
+			r := capRunner{ns: ns.Name, caps: tt.caps, lockFile: filepath.Join(t.TempDir(), "xtables.lock")}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			t.Setenv(probeEnv, "1")
+			out, err := r.Run(ctx, nil, os.Args[0], "-test.run=^TestCapabilityProbe$", "-test.v", "-test.count=1")
+			passed := err == nil && strings.Contains(string(out), "--- PASS: TestCapabilityProbe")
+			if passed != tt.ok {
+				t.Fatalf("with %v: probe passed=%v, want %v: %v\n%s", tt.caps, passed, tt.ok, err, out)
+			}
+		})
+	}
+}
+
+// TestCapabilityProbe is the restricted process; it skips unless started
+// by TestAgentCapabilitiesOpenQueueAndConntrack.
+func TestCapabilityProbe(t *testing.T) {
+	if os.Getenv(probeEnv) != "1" {
+		t.Skip("helper process of TestAgentCapabilitiesOpenQueueAndConntrack")
+	}
+	var logs bytes.Buffer
+	q, err := queue.New(queue.Config{
+		QueueNums: []uint16{150},
+		Marks:     queue.Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000},
+		Policy:    func() *nat.Policy { return nil },
+		Logger:    slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- q.Run(ctx) }()
+	select {
+	case <-q.Ready():
+	case err := <-done:
+		cancel()
+		t.Fatalf("binding the queue: %v", err)
+	case <-time.After(20 * time.Second):
+		cancel()
+		t.Fatal("queue not ready after 20s")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("stopping the queue: %v", err)
+	}
+	// The agent only warns when SO_RCVBUFFORCE is refused and the buffer
+	// stays at rmem_max; here that is a failure.
+	if strings.Contains(logs.String(), "smaller than asked") {
+		t.Fatalf("receive buffer not raised:\n%s", logs.String())
+	}
+
+	l, err := conntrack.Listen(conntrack.Config{})
+	if err != nil {
+		t.Fatalf("listening to conntrack events: %v", err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
