@@ -12,7 +12,12 @@
 // record read is accounted for: records = ip_packets + sum(skipped).
 //
 // Flows are one-directional, as in the agent's queue: a reply seen in the
-// capture is a flow of its own, decided by its own destination.
+// capture is a flow of its own, decided by its own destination (Options.
+// PodCIDRs leaves out what does not come from a pod, as the queue rule
+// does). Later IP fragments carry no ports, so they form a flow of their
+// own with ports 0, to the same destination and so with the same
+// decision; the kernel reassembles before the queue, so the agent never
+// sees them apart.
 //
 // # Cost
 //

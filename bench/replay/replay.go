@@ -35,8 +35,8 @@ type Replayer struct {
 
 	records   uint64
 	ipPackets uint64
-	actions   [3]uint64 // by nat.Action; index 0 stays 0
-	sources   [16]uint64
+	actions   map[nat.Action]uint64
+	sources   map[nat.Source]uint64
 	skipped   map[Skip]uint64
 	elapsed   time.Duration
 	readErr   error
@@ -68,6 +68,8 @@ func New(policy *nat.Policy, opts Options) *Replayer {
 	r := &Replayer{
 		policy:  policy,
 		flows:   make(map[packet.FlowKey]struct{}),
+		actions: make(map[nat.Action]uint64),
+		sources: make(map[nat.Source]uint64),
 		skipped: make(map[Skip]uint64),
 	}
 	for _, p := range opts.PodCIDRs {
@@ -95,7 +97,8 @@ func (r *Replayer) fromPod(src netip.Addr) bool {
 }
 
 // Record replays one capture record of link type lt. It does not retain
-// frame, and it does not allocate unless the record starts a new flow.
+// frame, and it does not allocate unless the record starts a new flow or
+// is the first one skipped for its reason.
 func (r *Replayer) Record(lt layers.LinkType, frame []byte) {
 	r.records++
 	ip, version, skip := IPPacket(lt, frame)
@@ -123,12 +126,8 @@ func (r *Replayer) Record(lt layers.LinkType, frame []byte) {
 	}
 	r.flows[key] = struct{}{}
 	d := r.policy.Decide(key.Dst)
-	if int(d.Action) < len(r.actions) {
-		r.actions[d.Action]++
-	}
-	if int(d.Source) < len(r.sources) {
-		r.sources[d.Source]++
-	}
+	r.actions[d.Action]++
+	r.sources[d.Source]++
 	if r.log != nil && r.logErr == nil {
 		r.logBuf = appendFlowRecord(r.logBuf[:0], r.records, key, d)
 		_, r.logErr = r.log.Write(r.logBuf)
@@ -262,17 +261,18 @@ func (r *Replayer) Summary() Summary {
 		IPPackets:  r.ipPackets,
 		Flows:      uint64(len(r.flows)),
 		Decisions: map[string]uint64{
-			nat.Masquerade.String():  r.actions[nat.Masquerade],
-			nat.Passthrough.String(): r.actions[nat.Passthrough],
+			nat.Masquerade.String():  0,
+			nat.Passthrough.String(): 0,
 		},
 		Sources: map[string]uint64{},
 		Skipped: map[string]uint64{},
 		Elapsed: Duration(r.elapsed),
 	}
+	for a, n := range r.actions {
+		s.Decisions[a.String()] += n
+	}
 	for src, n := range r.sources {
-		if n > 0 {
-			s.Sources[nat.Source(src).String()] = n
-		}
+		s.Sources[src.String()] += n
 	}
 	for skip, n := range r.skipped {
 		s.Skipped[skip.String()] += n
