@@ -51,7 +51,7 @@ COMMIT
 `, pod, queueNum)
 }
 
-func restore(t *testing.T, ns *netnstest.NS, tool, payload string) {
+func restore(t testing.TB, ns *netnstest.NS, tool, payload string) {
 	t.Helper()
 	cmd := ns.Command(context.Background(), tool)
 	cmd.Stdin = strings.NewReader(payload)
@@ -484,40 +484,70 @@ func sendRaw(t *testing.T, top *netnstest.Topology, pkts ...[]byte) {
 }
 
 func trySendRaw(top *netnstest.Topology, pkts ...[]byte) error {
-	var gw net.HardwareAddr
+	rs, err := newRawSender(top)
+	if err != nil {
+		return err
+	}
+	defer rs.Close()
+	return rs.send(pkts...)
+}
+
+// rawSender is a packet socket in the pod, addressed to the node's end of
+// the pod link. The socket belongs to the pod namespace whichever thread
+// uses it.
+type rawSender struct {
+	fd       int
+	ifindex  int
+	gw       net.HardwareAddr
+	sa4, sa6 unix.SockaddrLinklayer
+}
+
+func newRawSender(top *netnstest.Topology) (*rawSender, error) {
+	rs := &rawSender{fd: -1}
 	if err := top.Node.Do(func() error {
 		ifi, err := net.InterfaceByName("pod0")
 		if err == nil {
-			gw = ifi.HardwareAddr
+			rs.gw = ifi.HardwareAddr
 		}
 		return err
 	}); err != nil {
-		return err
+		return nil, err
 	}
-	return top.Pod.Do(func() error {
+	if err := top.Pod.Do(func() error {
 		ifi, err := net.InterfaceByName("eth0")
 		if err != nil {
 			return err
 		}
-		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		for _, p := range pkts {
-			proto := uint16(0x0800)
-			if len(p) > 0 && p[0]>>4 == 6 {
-				proto = 0x86dd
-			}
-			sa := &unix.SockaddrLinklayer{Ifindex: ifi.Index, Protocol: htons(proto), Halen: 6}
-			copy(sa.Addr[:], gw)
-			if err := unix.Sendto(fd, p, 0, sa); err != nil {
-				return fmt.Errorf("sending % x: %w", p[:min(len(p), 24)], err)
-			}
-		}
-		return nil
-	})
+		rs.ifindex = ifi.Index
+		rs.fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	for _, x := range []struct {
+		sa    *unix.SockaddrLinklayer
+		proto uint16
+	}{{&rs.sa4, 0x0800}, {&rs.sa6, 0x86dd}} {
+		*x.sa = unix.SockaddrLinklayer{Ifindex: rs.ifindex, Protocol: htons(x.proto), Halen: 6}
+		copy(x.sa.Addr[:], rs.gw)
+	}
+	return rs, nil
 }
+
+func (rs *rawSender) send(pkts ...[]byte) error {
+	for _, p := range pkts {
+		sa := &rs.sa4
+		if len(p) > 0 && p[0]>>4 == 6 {
+			sa = &rs.sa6
+		}
+		if err := unix.Sendto(rs.fd, p, 0, sa); err != nil {
+			return fmt.Errorf("sending % x: %w", p[:min(len(p), 24)], err)
+		}
+	}
+	return nil
+}
+
+func (rs *rawSender) Close() error { return unix.Close(rs.fd) }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 

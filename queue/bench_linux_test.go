@@ -1,0 +1,151 @@
+//go:build linux
+
+package queue_test
+
+import (
+	"context"
+	"fmt"
+	"golang.org/x/sys/unix"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
+)
+
+// latencyObserver keeps the decision latency of every packet, and wakes
+// the sender when the count reaches target.
+type latencyObserver struct {
+	n       atomic.Int64
+	target  atomic.Int64
+	reached chan struct{}
+	lat     []time.Duration
+}
+
+func (o *latencyObserver) Decided(ev *queue.Event) {
+	i := o.n.Add(1)
+	if i <= int64(len(o.lat)) {
+		o.lat[i-1] = ev.Latency
+	}
+	if i == o.target.Load() {
+		o.reached <- struct{}{}
+	}
+}
+
+// BenchmarkKernelNewFlows pushes new UDP flows (first packets) from the
+// pod through the live queue, in windows of at most `window` unanswered
+// packets so that nothing overflows, and reports flows per second and the
+// receive-to-verdict latency. Sender and queue share the machine's cores,
+// as on a node. Run with an explicit count, e.g. -benchtime=20000x: every
+// flow leaves a conntrack entry behind for 30 s.
+func BenchmarkKernelNewFlows(b *testing.B) {
+	for _, workers := range []int{0, 1, 2} {
+		for _, window := range []int{64, 512} {
+			b.Run(fmt.Sprintf("workers=%d/window=%d", workers, window), func(b *testing.B) {
+				benchNewFlows(b, workers, window)
+			})
+		}
+	}
+}
+
+func benchNewFlows(b *testing.B, workers, window int) {
+	netnstest.Require(b, "iptables-restore", "ip6tables-restore")
+	top := netnstest.NewTopology(b)
+	restore(b, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
+	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	obs := &latencyObserver{lat: make([]time.Duration, b.N), reached: make(chan struct{}, 1)}
+	q, err := queue.New(queue.Config{
+		QueueNums: []uint16{queue4},
+		Workers:   workers,
+		NetNS:     top.Node.FD(),
+		Marks:     kernelMarks,
+		Policy:    func() *nat.Policy { return pol },
+		Observer:  obs,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- q.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			b.Error(err)
+		}
+	}()
+	select {
+	case <-q.Ready():
+	case err := <-done:
+		b.Fatal(err)
+	}
+	rs, err := newRawSender(top)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rs.Close()
+
+	// Distinct (source address, source port) pairs: every packet is the
+	// first of its flow. Half the flows go to a masqueraded address.
+	pkts := make([][]byte, b.N)
+	for i := range pkts {
+		src := netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + i/50000)})
+		dst := netnstest.Internet4
+		if i%2 == 1 {
+			dst = netnstest.Internal4
+		}
+		d := udpDatagram(netip.AddrPortFrom(src, uint16(10000+i%50000)), netip.AddrPortFrom(dst, 9), []byte("bench"))
+		pkts[i] = append(ipv4Header(17, len(d), 5, 0, src, dst), d...)
+	}
+
+	cpu0 := cpuTime(b)
+	b.ResetTimer()
+	start := time.Now()
+	for sent := 0; sent < len(pkts); {
+		n := min(window, len(pkts)-sent)
+		obs.target.Store(int64(sent + n))
+		if err := rs.send(pkts[sent : sent+n]...); err != nil {
+			b.Fatal(err)
+		}
+		sent += n
+		select {
+		case <-obs.reached:
+		case <-time.After(10 * time.Second):
+			b.Fatalf("only %d of %d packets answered: %+v", obs.n.Load(), sent, q.Stats())
+		}
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	cpu := cpuTime(b) - cpu0
+
+	st := q.Stats()
+	if st.Skipped != 0 || st.Packets != uint64(b.N) {
+		b.Errorf("stats %+v after %d flows", st, b.N)
+	}
+	lat := obs.lat[:min(int(obs.n.Load()), len(obs.lat))]
+	slices.Sort(lat)
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "flows/s")
+	// CPU time of the whole process (queue, sender, and the kernel work
+	// both do in their system calls, forwarding included) per flow: less
+	// sensitive than flows/s to whatever else runs on the machine.
+	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N)/1000, "cpu-µs/flow")
+	if len(lat) > 0 {
+		b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+		b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+	}
+}
+
+func cpuTime(tb testing.TB) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
