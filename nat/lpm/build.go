@@ -10,17 +10,20 @@ import (
 	"slices"
 )
 
-// Build parameters, chosen by the benchmarks in bench_test.go.
+// Build parameters, chosen with the benchmarks in bench_test.go.
 const (
-	// maxBlock is the most ranges a slot scans linearly; a block of 8
-	// IPv4 ranges is 64 bytes.
+	// maxBlock is the most ranges a slot scans; 8 IPv4 ranges are 64
+	// bytes. Busier slots get a child node instead.
 	maxBlock = 8
-	// The root has about one slot per range, within these bounds: a
-	// 16-slot root is one cache line, and 1<<16 slots (256 KiB) keep the
-	// root of a very large set in L2.
-	maxRootBits = 20
+	// The root has 1<<(ceil(log2(ranges))+rootExtra) slots, about two per
+	// range, so most slots hold their answer and a lookup is one load.
+	// At least 1<<minRootBits: 256 slots (1 KiB) give the 12 default
+	// prefixes one answer per /8 except for six /8s. At most
+	// 1<<maxRootBits: 4 MiB, reached from about 500,000 ranges; 100,000
+	// random prefixes get 1<<19 slots (2 MiB).
 	minRootBits = 8
 	rootExtra   = 1
+	maxRootBits = 20
 	// maxPrefixes keeps a prefix index + 1 within a slot's payload bits.
 	maxPrefixes = offsetMask - 1
 )
@@ -199,9 +202,7 @@ type root struct {
 	before, after uint32
 }
 
-// build lays out the root and everything below it. The root gets about
-// two slots per range, so that most slots hold their answer directly;
-// maxSkip bounds how many shared leading bits it may skip (the root index
+// build lays out the root and everything below it; maxSkip bounds how many shared leading bits it may skip (the root index
 // is taken from the high 64 bits of the key).
 func (b *builder) build(maxSkip uint) (root, error) {
 	r := b.ranges

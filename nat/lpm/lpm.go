@@ -2,6 +2,7 @@ package lpm
 
 import (
 	"encoding/binary"
+	"math/bits"
 	"net/netip"
 	"unsafe"
 )
@@ -27,6 +28,15 @@ const (
 
 // Table answers "which of the compiled prefixes is the most specific one
 // containing this address". Both address families live in one Table.
+//
+// Each family is stored as its flattened ranges (a range is a run of
+// addresses with the same answer) behind a direct-indexed root of about two
+// slots per range. Compared with a trie over the prefixes (bart), the
+// answer for most addresses is in the root slot itself, the prefix length
+// never matters at lookup time, and the rare busy slot costs one more read
+// and a branch-free scan of at most maxBlock keys. The price is that the
+// Table cannot be updated in place; Compile builds a new one, which at
+// 100,000 prefixes takes tens of milliseconds.
 type Table struct {
 	v4 family4
 	v6 family6
@@ -86,13 +96,16 @@ func (f *family4) below(e, key uint32) int {
 	for e >= slotBlock {
 		off := e & offsetMask
 		if e < slotNode {
+			// Count the keys <= key without branching on them: where
+			// a random address falls in a block is unpredictable.
 			b := f.blocks[off:]
 			n := b[0]
-			i := uint32(1)
-			for i < n && b[i] <= key {
-				i++
+			ks := b[1:n]
+			i := uint64(0)
+			for _, k := range ks {
+				i += 1 ^ (uint64(key)-uint64(k))>>63
 			}
-			return int(b[n+i-1]) - 1
+			return int(b[uint64(n)+i]) - 1
 		}
 		s := min(shift, childStride)
 		shift -= s
@@ -122,13 +135,13 @@ func (t *Table) lookup6(addr netip.Addr) int {
 		if e < slotNode {
 			b := f.blocks[off:]
 			n := b[0]
+			ks := b[1 : 2*n-1]
 			i := uint64(0)
-			for i+1 < n {
-				khi, klo := b[1+2*i], b[2+2*i]
-				if khi > hi || khi == hi && klo > lo {
-					break
-				}
-				i++
+			for j := 0; j+1 < len(ks); j += 2 {
+				// The borrow of (hi,lo) - (khi,klo) is 1 when key > addr.
+				_, borrow := bits.Sub64(lo, ks[j+1], 0)
+				_, borrow = bits.Sub64(hi, ks[j], borrow)
+				i += 1 ^ borrow
 			}
 			return int(b[2*n-1+i]) - 1
 		}

@@ -149,6 +149,29 @@ func TestLookup(t *testing.T) {
 	}
 }
 
+// TestMemoryBudget pins the size of the layouts the agent relies on: the
+// default set stays within a few cache lines of root plus blocks, and a
+// large random set costs well under the 2x-bart budget (bart.Lite needs
+// about 6.7 MB for the 100,000-prefix benchmark set).
+func TestMemoryBudget(t *testing.T) {
+	tests := []struct {
+		name     string
+		prefixes []netip.Prefix
+		max      int
+	}{
+		{"gke defaults", gkeDefaults(), 1536},
+		{"100k random v4", randomPrefixes4(rand.New(rand.NewPCG(7, 7)), 100000, 16, 32), 5 << 20},
+		{"empty", nil, 256},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := mustCompile(t, tt.prefixes).MemoryBytes(); got > tt.max {
+				t.Errorf("MemoryBytes() = %d, want <= %d", got, tt.max)
+			}
+		})
+	}
+}
+
 func TestCompileInvalid(t *testing.T) {
 	tests := []struct {
 		name     string
