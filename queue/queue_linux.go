@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
@@ -198,12 +199,25 @@ func (q *Queue) bind(index int, fatal chan<- error) (*binding, error) {
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
 	}
 
-	v := &nfVerdicter{nf: nf}
+	newVerdicter := func() (verdicter, error) { return newRawVerdicter(nf.Con, num) }
+	v, err := newVerdicter()
+	if err != nil {
+		nf.Close()
+		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
+	}
 	if q.cfg.Workers == 0 {
 		b.inline = q.newHandler(index, 0, v)
 	} else {
 		b.jobs = make(chan inbound, workerBacklog)
 		for w := range q.cfg.Workers {
+			v := v
+			if w > 0 {
+				if v, err = newVerdicter(); err != nil {
+					nf.Close()
+					b.stopWorkers()
+					return nil, fmt.Errorf("nfqueue %d: %w", num, err)
+				}
+			}
 			h := q.newHandler(index, w, v)
 			b.workers.Add(1)
 			go func() {
@@ -383,27 +397,55 @@ func (q *Queue) shutdown(bindings []*binding) {
 	}
 }
 
-// nfVerdicter sends verdicts on a queue's socket. Sends from several
-// workers may run concurrently: netlink sends to the kernel are
-// processed synchronously and independently.
-type nfVerdicter struct{ nf *nfqueue.Nfqueue }
-
-func (v *nfVerdicter) verdict(id, mark uint32, setMark bool) error {
-	var err error
-	for range 3 {
-		if setMark {
-			err = v.nf.SetVerdictWithOption(id, nfqueue.NfAccept, nfqueue.WithMark(mark))
-		} else {
-			err = v.nf.SetVerdict(id, nfqueue.NfAccept)
-		}
-		if err == nil || !transient(err) {
-			return err
-		}
-	}
-	return err
-}
-
 // transient reports whether a send may succeed when retried at once.
 func transient(err error) bool {
 	return errors.Is(err, unix.EINTR) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM)
+}
+
+// rawVerdicter writes verdict messages straight to the socket from a
+// buffer of its own, without allocating: go-nfqueue's SetVerdictWithOption
+// builds option closures, attribute slices and a marshalled copy for each
+// verdict. Measured against it (BenchmarkKernelNewFlows, medians of 8
+// alternating runs): 10.4 instead of 11.7 CPU-µs per new flow, and a
+// receive-to-verdict latency of 2 instead of 3.5 µs at the median.
+// Netlink sends to the kernel are processed synchronously and
+// independently, so several verdicters may share a socket; each one is
+// for a single goroutine.
+type rawVerdicter struct {
+	rc    syscall.RawConn
+	num   uint16
+	buf   []byte
+	write func(fd uintptr) bool // cached, so that Write does not allocate
+	err   error
+}
+
+func newRawVerdicter(c *netlink.Conn, num uint16) (*rawVerdicter, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("raw netlink socket: %w", err)
+	}
+	v := &rawVerdicter{rc: rc, num: num, buf: make([]byte, 0, verdictLen)}
+	v.write = func(fd uintptr) bool {
+		// An unconnected netlink socket sends to the kernel (port 0).
+		_, v.err = unix.Write(int(fd), v.buf)
+		return v.err != unix.EAGAIN
+	}
+	return v, nil
+}
+
+func (v *rawVerdicter) verdict(id, mark uint32, setMark bool) error {
+	v.buf = appendVerdict(v.buf[:0], v.num, id, mark, setMark)
+	var err error
+	for range 3 {
+		if err = v.rc.Write(v.write); err == nil {
+			err = v.err
+		}
+		if err == nil || !transient(err) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("sending verdict: %w", err)
+	}
+	return nil
 }
