@@ -140,6 +140,12 @@ func TestAgentFirstPacketOnly(t *testing.T) {
 	if got := a.metric("nfmasq_queue_packets_total"); got != flows+1 {
 		t.Errorf("after one ICMP echo flow of 3 pings, %v packets queued, want %d", got, flows+1)
 	}
+	// ICMPv6 echo likewise.
+	top.Pod.Run(t, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", internet6.String())
+	a.waitMetric("icmpv6 decided", func(v float64) bool { return v >= flows+2 }, "nfmasq_queue_packets_total")
+	if got := a.metric("nfmasq_queue_packets_total"); got != flows+2 {
+		t.Errorf("after one ICMPv6 echo flow of 3 pings, %v packets queued, want %d", got, flows+2)
+	}
 }
 
 // sendUDPBurst sends n datagrams on one socket (one flow) and waits for each echo.
@@ -197,7 +203,49 @@ func TestAgentKillRestartUninstall(t *testing.T) {
 	if !strings.Contains(installed, "NFMASQ") {
 		t.Fatalf("no NFMASQ rules installed:\n%s", installed)
 	}
-	a.stop(syscall.SIGKILL)
+	// kill -9 in the middle of a stream of new flows: no flow may arrive
+	// with the wrong source, before, during or after the kill.
+	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7390)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	stream := make(chan int)
+	go func() {
+		sent := 0
+		deadline := time.Now().Add(3 * time.Second)
+		for i := 0; i < 400 && time.Now().Before(deadline); i++ {
+			dst := internet4
+			if i%2 == 1 {
+				dst = internal4
+			}
+			// A lost first packet (queued when the agent died) only
+			// costs this flow its echo; the source is what matters.
+			_, _, _ = netnstest.SendUDP(top.Pod, netip.AddrPortFrom(dst, 7390), []byte("stream"), 50*time.Millisecond)
+			sent++
+			if i == 40 {
+				a.stop(syscall.SIGKILL)
+			}
+		}
+		stream <- sent
+	}()
+	sent := <-stream
+	seen := sink.Seen()
+	wrong := 0
+	for _, s := range seen {
+		want := netnstest.PodAddr4
+		if s.Dst.Addr() == internet4 {
+			want = netnstest.NodeAddr4
+		}
+		if s.Src.Addr() != want {
+			wrong++
+			t.Errorf("flow to %s arrived from %s, want %s", s.Dst, s.Src, want)
+		}
+	}
+	t.Logf("kill -9 mid-stream: %d flows sent, %d arrived, %d with the wrong source", sent, len(seen), wrong)
+	if len(seen) < sent/2 {
+		t.Errorf("only %d of %d flows arrived around the kill", len(seen), sent)
+	}
 	// Agent gone: the fallback decides with the same policy.
 	checkFlows(t, top, 7300, cases(both(internet4, "node"), both(internal4, "pod"), both(cgnat4, "pod"),
 		both(linkLocal4, "pod"), both(internet6, "node")))
