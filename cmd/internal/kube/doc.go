@@ -1,0 +1,18 @@
+// Package kube is nfmasq's Kubernetes side: the EgressNATPolicy controller
+// that writes the agent's ConfigMap, the node-local pod index that names
+// the pods behind addresses in flow records, pod-CIDR discovery from the
+// agent's Node, and the client configuration they share.
+//
+// Concurrency and ownership:
+//   - PodIndex.Lookup is safe for concurrent use and never blocks or calls
+//     the API server: it reads an immutable map behind an atomic pointer,
+//     which the informer's event handler replaces on each change.
+//   - EgressController.Run owns its informers and its work queue; one
+//     worker reconciles the whole cluster's policies into one ConfigMap, so
+//     reconciliations never race each other. Run the controller once per
+//     process; RunLeading makes it once per cluster.
+//   - Functions taking a context stop when it is done; none keep
+//     goroutines running after they return.
+//   - Values passed in (clients, prefixes) are not modified; returned
+//     slices belong to the caller.
+package kube
