@@ -14,6 +14,7 @@ import (
 	"github.com/nfmasq/nfmasq/queue"
 	"github.com/nfmasq/nfmasq/queue/conntrack"
 	"github.com/nfmasq/nfmasq/queue/flowlog"
+	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
 // auditFlags configure the flow log.
@@ -73,10 +74,19 @@ func newAudit(ctx context.Context, a *agent, f *auditFlags) (*audit, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--flow-log: %w", err)
 	}
-	base, _ := a.flags.dataplane.rulesConfig(mustDefaultPolicy())
+	// The mark layout comes from --mark-mask alone. Deriving it from a
+	// whole rules config built on a stand-in policy failed on dual-stack
+	// nodes (an IPv6 pod CIDR needs a policy with IPv6), and the zero
+	// layout then classified every flow as undecided: no end or fallback
+	// record at all.
+	m, err := rules.ParseMarkMask(a.flags.dataplane.markMask)
+	if err != nil {
+		lg.Close()
+		return nil, fmt.Errorf("--mark-mask: %w", err)
+	}
 	au := &audit{
 		a: a, log: lg,
-		marks: conntrack.MarkLayout{Mask: base.Mark.Mask, Masquerade: base.Mark.Masquerade, Passthrough: base.Mark.Passthrough, Fallback: base.Mark.Fallback},
+		marks: conntrack.MarkLayout{Mask: m.Mask, Masquerade: m.Masquerade, Passthrough: m.Passthrough, Fallback: m.Fallback},
 		pods:  func(netip.Addr) string { return "" },
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "nfmasq_conntrack_flows_ignored_total",
@@ -104,15 +114,6 @@ func newAudit(ctx context.Context, a *agent, f *auditFlags) (*audit, error) {
 	au.wg.Add(1)
 	go au.consumeConntrack()
 	return au, nil
-}
-
-// mustDefaultPolicy is a stand-in policy for deriving flag-only settings.
-func mustDefaultPolicy() *nat.Policy {
-	p, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(true)})
-	if err != nil {
-		panic(err) // the built-in defaults always compile
-	}
-	return p
 }
 
 // Decided implements queue.Observer: one decision record per decided flow.
