@@ -74,11 +74,10 @@ func newAudit(ctx context.Context, a *agent, f *auditFlags) (*audit, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--flow-log: %w", err)
 	}
-	// The mark layout comes from --mark-mask alone. Deriving it from a
-	// whole rules config built on a stand-in policy failed on dual-stack
-	// nodes (an IPv6 pod CIDR needs a policy with IPv6), and the zero
-	// layout then classified every flow as undecided: no end or fallback
-	// record at all.
+	// The mark layout comes from --mark-mask alone, not from a rules
+	// config: that needs a policy, and a stand-in one without IPv6 fails
+	// on dual-stack nodes, leaving a zero layout that calls every flow
+	// undecided (no end or fallback record at all).
 	m, err := rules.ParseMarkMask(a.flags.dataplane.markMask)
 	if err != nil {
 		lg.Close()
