@@ -25,14 +25,14 @@ var (
 				Dst: netip.MustParseAddrPort("10.200.0.10:443"),
 				Pod: "default/web-5d9c7", Action: "passthrough",
 				Prefix: netip.MustParsePrefix("10.0.0.0/8"), Source: "config",
-				PolicyHash: "sha256:3f1a9c", PolicyGeneration: 4, Queue: 1, Latency: 12345 * time.Nanosecond,
+				PolicyHash: "3f1a9c0d5e7b2a41", PolicyGeneration: 4, Queue: 1, Latency: 12345 * time.Nanosecond,
 			},
 			{
 				Kind: KindDecision, Time: t0, Node: "node-a", Proto: 17,
 				Src:    netip.MustParseAddrPort("[fd00:10:244::2]:53001"),
 				Dst:    netip.MustParseAddrPort("[2001:db8:100::10]:53"),
-				Action: "masquerade", Source: "default",
-				PolicyHash: "sha256:3f1a9c", PolicyGeneration: 4, Latency: 7 * time.Microsecond, Sample: 10,
+				Action: "masquerade", Source: "none",
+				PolicyHash: "3f1a9c0d5e7b2a41", PolicyGeneration: 4, Latency: 7 * time.Microsecond, Sample: 10,
 			},
 			{
 				Kind: KindDecision, Time: t0, Node: "node-a", Proto: 1,
@@ -40,7 +40,7 @@ var (
 				Dst: netip.MustParseAddrPort("11.0.0.10:0"),
 				Pod: "prod/api-0", Action: "passthrough",
 				Prefix: netip.MustParsePrefix("11.0.0.0/24"), Source: "egress-policy", Origin: "keep-source-for-partner",
-				PolicyHash: "sha256:3f1a9c", PolicyGeneration: 5, Queue: 3, Latency: 31 * time.Microsecond,
+				PolicyHash: "3f1a9c0d5e7b2a41", PolicyGeneration: 5, Queue: 3, Latency: 31 * time.Microsecond,
 			},
 		},
 		"end": {
