@@ -23,6 +23,8 @@ import (
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
+
+	"github.com/nfmasq/nfmasq/nat"
 )
 
 // gkeDefaultRanges are GKE's default non-masquerade destinations, in the
@@ -694,6 +696,26 @@ func TestDefaultPolicyHasGKEDefaults(t *testing.T) {
 	if !slices.Equal(got, gkeDefaultRanges) {
 		t.Errorf("destinations\n got %v\nwant %v (GKE's 11 defaults)", got, gkeDefaultRanges)
 	}
+	// The agent's own defaults (no ConfigMap) are the same list, so
+	// installing the controller with this policy changes no decision.
+	if agent := nat.DefaultNonMasqueradeCIDRs(true); !slices.Equal(agent, gkeDefaultRanges) {
+		t.Errorf("the agent's defaults %v differ from GKE's %v", agent, gkeDefaultRanges)
+	}
+
+	// And the parser the agent and controller use accepts the file.
+	ms, err := Manifests()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		if m.Kind != "EgressNATPolicy" {
+			continue
+		}
+		policies, errs := nat.ParseEgressPolicies(m.YAML)
+		if len(errs) > 0 || len(policies) != 1 || policies[0].Name != m.Name {
+			t.Errorf("%s: nat.ParseEgressPolicies gives %+v, errors %v", m.File, policies, errs)
+		}
+	}
 }
 
 // configFile is ip-masq-agent's config file; decoding into it strictly
@@ -734,6 +756,17 @@ func TestExampleConfigMap(t *testing.T) {
 		}
 		if cfg.ResyncInterval == "" {
 			t.Error("resyncInterval missing")
+		}
+
+		// The agent's own parser: no error, no warning, and as shipped the
+		// example behaves exactly like having no ConfigMap.
+		parsed, warnings, err := nat.ParseConfig([]byte(cm.Data[configMapKey]), nat.ParseOptions{AllReservedRanges: true})
+		if err != nil || len(warnings) > 0 {
+			t.Fatalf("nat.ParseConfig: %v, warnings %v", err, warnings)
+		}
+		parsed.CustomCIDRs = false
+		if want := nat.DefaultConfig(true); !reflect.DeepEqual(parsed, want) {
+			t.Errorf("the example parses to %+v, the defaults are %+v", parsed, want)
 		}
 	}
 	if !found {
