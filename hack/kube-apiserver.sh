@@ -115,7 +115,9 @@ cmd_build() {
 	local minor=${KUBE_VERSION#v1.}
 	minor=${minor%%.*}
 	local ldflags="-s -w" key val
-	for kv in "gitVersion=$KUBE_VERSION" gitMajor=1 "gitMinor=$minor" gitTreeState=clean \
+	# gitCommit is left empty: the module proxy does not say which commit a
+	# version is, and an empty field is better than the "$Format" default.
+	for kv in "gitVersion=$KUBE_VERSION" gitMajor=1 "gitMinor=$minor" gitCommit= gitTreeState=clean \
 		"buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"; do
 		key=${kv%%=*} val=${kv#*=}
 		ldflags+=" -X k8s.io/component-base/version.$key=$val -X k8s.io/client-go/pkg/version.$key=$val"
@@ -177,6 +179,9 @@ cmd_up() {
 	head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RUN/token"
 	echo "$(cat "$RUN/token"),$TOKEN_USER,$TOKEN_USER,system:masters" >"$RUN/tokens.csv"
 
+	# No kube-controller-manager runs, so nothing creates the "default"
+	# service accounts that the ServiceAccount admission plugin demands of
+	# every pod: it is off, as are the webhook plugins (no webhooks here).
 	# setsid: the servers outlive this script and must not get the caller's
 	# terminal signals; down stops them by the recorded pid.
 	setsid "$BIN/etcd" \
@@ -210,8 +215,7 @@ cmd_up() {
 		--service-account-key-file "$RUN/pki/sa.pub" \
 		--service-account-signing-key-file "$RUN/pki/sa.key" \
 		--endpoint-reconciler-type none \
-		--enable-admission-plugins NamespaceLifecycle,ServiceAccount \
-		--disable-admission-plugins MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy \
+		--disable-admission-plugins ServiceAccount,MutatingAdmissionWebhook,ValidatingAdmissionWebhook \
 		--enable-priority-and-fairness=false \
 		--profiling=false \
 		</dev/null >"$RUN/kube-apiserver.log" 2>&1 &

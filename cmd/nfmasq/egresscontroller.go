@@ -1,0 +1,152 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/klog/v2"
+
+	"github.com/nfmasq/nfmasq/cmd/internal/kube"
+)
+
+// egressControllerFlags are the flags of `nfmasq egress-controller`.
+type egressControllerFlags struct {
+	clusterCIDRs []string
+	configMap    string
+	configMapKey string
+	leaderElect  bool
+	leaseName    string
+	kubeconfig   string
+	resync       time.Duration
+	logFormat    string
+	logLevel     string
+}
+
+func newEgressControllerCmd() *cobra.Command {
+	var f egressControllerFlags
+	cmd := &cobra.Command{
+		Use:   "egress-controller --cluster-cidr CIDR... [flags]",
+		Short: "Write the agent's ConfigMap from the cluster's EgressNATPolicy objects",
+		Long: `Run the EgressNATPolicy controller (one Deployment per cluster). It watches
+EgressNATPolicy objects (networking.gke.io/v1) and writes the union of the
+NoSNAT destinations of the valid ones into the agent's ConfigMap, as
+nonMasqueradeCIDRs; the other fields of the agent's config (masqLinkLocal,
+resyncInterval, ...) are left as they are. The --cluster-cidr ranges form
+the managed policy gke-<hash>-1, which the controller creates and restores
+if it is edited or deleted. A policy with an invalid CIDR or action gets a
+Valid=False condition and a Warning event and is skipped; the others still
+apply. The ConfigMap is written only when its content changes.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runEgressController(cmd.Context(), &f, cmd.ErrOrStderr())
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringSliceVar(&f.clusterCIDRs, "cluster-cidr", nil,
+		"the cluster's pod, service and node ranges (repeatable or comma-separated); they form the managed policy")
+	fs.StringVar(&f.configMap, "configmap", "kube-system/ip-masq-agent", "the agent's ConfigMap, as NAMESPACE/NAME")
+	fs.StringVar(&f.configMapKey, "configmap-key", kube.AgentConfigKey,
+		"the ConfigMap data key that the agent's DaemonSet mounts as /etc/config/ip-masq-agent")
+	fs.BoolVar(&f.leaderElect, "leader-elect", false,
+		"hold a Lease in the ConfigMap's namespace while writing, so only one replica acts")
+	fs.StringVar(&f.leaseName, "leader-elect-lease", "nfmasq-egress-controller", "name of the leader-election Lease")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means the in-cluster service account")
+	fs.DurationVar(&f.resync, "resync", 5*time.Minute, "how often everything is checked again without events")
+	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return cmd
+}
+
+func init() { rootCmd.AddCommand(newEgressControllerCmd()) }
+
+// options checks the flags and turns them into the controller's options;
+// every error is a startup error (exit 2, nothing done).
+func (f *egressControllerFlags) options() (kube.EgressOptions, error) {
+	var opts kube.EgressOptions
+	if len(f.clusterCIDRs) == 0 {
+		return opts, errors.New("--cluster-cidr is required: the cluster's pod, service and node ranges, which must never be masqueraded")
+	}
+	for _, s := range f.clusterCIDRs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return opts, fmt.Errorf("--cluster-cidr %q: %w", s, err)
+		}
+		if p.Masked() != p {
+			return opts, fmt.Errorf("--cluster-cidr %q has host bits set; did you mean %s?", s, p.Masked())
+		}
+		opts.ClusterCIDRs = append(opts.ClusterCIDRs, p)
+	}
+	ns, name, ok := strings.Cut(f.configMap, "/")
+	if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+		return opts, fmt.Errorf("--configmap %q: want NAMESPACE/NAME", f.configMap)
+	}
+	if f.configMapKey == "" {
+		return opts, errors.New("--configmap-key is empty")
+	}
+	if f.resync <= 0 {
+		return opts, fmt.Errorf("--resync %s: must be positive", f.resync)
+	}
+	opts.ConfigMap = types.NamespacedName{Namespace: ns, Name: name}
+	opts.ConfigMapKey = f.configMapKey
+	opts.Resync = f.resync
+	return opts, nil
+}
+
+func runEgressController(ctx context.Context, f *egressControllerFlags, stderr io.Writer) error {
+	log, err := newLogger(stderr, f.logFormat, f.logLevel)
+	if err != nil {
+		return startupError(err)
+	}
+	opts, err := f.options()
+	if err != nil {
+		return startupError(err)
+	}
+	opts.Logger = log
+	// client-go's own messages (leader election, reflector retries) go to
+	// the same log in the same format.
+	klog.SetSlogLogger(log)
+
+	cfg, err := kube.Config(f.kubeconfig)
+	if err != nil {
+		return startupError(err)
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return startupError(err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return startupError(err)
+	}
+	controller, err := kube.NewEgressController(client, dyn, opts)
+	if err != nil {
+		return startupError(err)
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	if !f.leaderElect {
+		return controller.Run(ctx)
+	}
+	le := kube.LeaderElection{Namespace: opts.ConfigMap.Namespace, Name: f.leaseName}
+	log.Info("waiting for the leader lease", "lease", le.Namespace+"/"+le.Name)
+	err = kube.RunLeading(ctx, client, le, controller.Run)
+	if errors.Is(err, kube.ErrLostLeadership) {
+		// Exit so the Deployment restarts the pod as a follower; acting on
+		// after losing the lease could race the new leader.
+		return &exitError{code: exitFailure, err: err}
+	}
+	return err
+}
