@@ -6,8 +6,10 @@ import (
 	"context"
 	"fmt"
 	"golang.org/x/sys/unix"
+	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -44,7 +46,7 @@ func (o *latencyObserver) Decided(ev *queue.Event) {
 // flow leaves a conntrack entry behind for 30 s.
 func BenchmarkKernelNewFlows(b *testing.B) {
 	for _, workers := range []int{0, 1, 2} {
-		for _, window := range []int{64, 512} {
+		for _, window := range []int{64, 256, 512} {
 			b.Run(fmt.Sprintf("workers=%d/window=%d", workers, window), func(b *testing.B) {
 				benchNewFlows(b, workers, window)
 			})
@@ -148,4 +150,93 @@ func cpuTime(tb testing.TB) time.Duration {
 		tb.Fatal(err)
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkKernelFirstPacketRTT measures one new flow at a time: a UDP
+// datagram from a fresh pod socket to the remote and its echo, through
+// the queue (first packet) and back. Nothing waits in any queue, so the
+// difference between dataplanes is what they add to a flow's first packet.
+func BenchmarkKernelFirstPacketRTT(b *testing.B) {
+	for _, mode := range []struct {
+		name    string
+		workers int
+		queue   bool
+	}{
+		{"no-queue", 0, false},
+		{"workers=0", 0, true},
+		{"workers=1", 1, true},
+	} {
+		b.Run(mode.name, func(b *testing.B) {
+			netnstest.Require(b, "iptables-restore")
+			top := netnstest.NewTopology(b)
+			rules := rulesFor(netnstest.PodCIDR4, queue4)
+			if !mode.queue {
+				rules = strings.ReplaceAll(rules, "-j NFQUEUE --queue-num 7 --queue-bypass", "-j MARK --set-xmark 0x1000/0x3000")
+			}
+			restore(b, top.Node, "iptables-restore", rules)
+			pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			q, err := queue.New(queue.Config{
+				QueueNums: []uint16{queue4},
+				Workers:   mode.workers,
+				NetNS:     top.Node.FD(),
+				Marks:     kernelMarks,
+				Policy:    func() *nat.Policy { return pol },
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- q.Run(ctx) }()
+			defer func() {
+				cancel()
+				<-done
+			}()
+			<-q.Ready()
+			sink, err := netnstest.StartSink(top.Remote, []netip.Addr{netnstest.Internet4}, 9600)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer sink.Close()
+			dst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netnstest.Internet4, 9600))
+
+			// Dial the sockets up front, inside the pod: creating one is
+			// not part of what is measured.
+			conns := make([]*net.UDPConn, b.N)
+			if err := top.Pod.Do(func() error {
+				for i := range conns {
+					c, err := net.DialUDP("udp", nil, dst)
+					if err != nil {
+						return err
+					}
+					conns[i] = c
+				}
+				return nil
+			}); err != nil {
+				b.Fatal(err)
+			}
+			rtt := make([]time.Duration, b.N)
+			buf := make([]byte, 64)
+			b.ResetTimer()
+			for i, c := range conns {
+				start := time.Now()
+				if _, err := c.Write([]byte("rtt")); err != nil {
+					b.Fatal(err)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, err := c.Read(buf); err != nil {
+					b.Fatalf("flow %d: %v", i, err)
+				}
+				rtt[i] = time.Since(start)
+				c.Close()
+			}
+			b.StopTimer()
+			slices.Sort(rtt)
+			b.ReportMetric(float64(rtt[len(rtt)/2].Nanoseconds())/1000, "p50-µs")
+			b.ReportMetric(float64(rtt[len(rtt)*99/100].Nanoseconds())/1000, "p99-µs")
+		})
+	}
 }

@@ -198,8 +198,11 @@ type Stats struct {
 	VerdictErrors uint64
 	// Skipped counts packet ids that never reached us: the kernel
 	// assigned them but could not deliver the message (socket buffer
-	// full), so with fail-open it accepted the packet unmarked. Overflow
-	// of the queue length itself is not visible here or anywhere else.
+	// full), so with fail-open it accepted the packet unmarked. A gap is
+	// seen when the next packet arrives. Overflow of the queue length
+	// itself (MaxQueueLen) consumes no id and is not visible here, nor in
+	// the kernel's counters: only the fallback chain's rule counters see
+	// those packets.
 	Skipped uint64
 	// Netlink receive errors: ENOBUFS (socket overflow reported despite
 	// NETLINK_NO_ENOBUFS), ENOENT (a verdict for an id the kernel no
