@@ -420,7 +420,7 @@ func TestAgentDaemonSet(t *testing.T) {
 		cfg := vols["config"]
 		if cfg.ConfigMap == nil || cfg.ConfigMap.Name != configMapName ||
 			cfg.ConfigMap.Optional == nil || !*cfg.ConfigMap.Optional {
-			t.Fatalf("config volume %+v, want ConfigMap %s, optional", cfg, configMapName)
+			t.Fatalf("config volume %v, want ConfigMap %s, optional", cfg.ConfigMap, configMapName)
 		}
 		if len(cfg.ConfigMap.Items) != 1 || cfg.ConfigMap.Items[0].Key != configMapKey {
 			t.Fatalf("config items %+v, want the single key %q", cfg.ConfigMap.Items, configMapKey)
