@@ -619,12 +619,12 @@ func TestRBACIsMinimal(t *testing.T) {
 			{"", "pods", "", "list,watch"},
 		}},
 		{"ClusterRole", "", "nfmasq-egress-controller", []rule{
-			{"networking.gke.io", "egressnatpolicies", "", "create,get,list,patch,update,watch"},
-			{"networking.gke.io", "egressnatpolicies/status", "", "get,patch,update"},
+			{"networking.gke.io", "egressnatpolicies", "", "create,list,update,watch"},
+			{"networking.gke.io", "egressnatpolicies/status", "", "update"},
 			{"", "events", "", "create,patch"},
 		}},
 		{"Role", namespace, "nfmasq-egress-controller", []rule{
-			{"", "configmaps", configMapName, "get,list,patch,update,watch"},
+			{"", "configmaps", configMapName, "list,update,watch"},
 			{"", "configmaps", "", "create"},
 			{"coordination.k8s.io", "leases", "nfmasq-egress-controller", "get,update"},
 			{"coordination.k8s.io", "leases", "", "create"},
