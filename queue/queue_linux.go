@@ -46,8 +46,7 @@ func (q *Queue) Run(ctx context.Context) error {
 		return errors.New("queue: Run called twice")
 	}
 	fatal := make(chan error, len(q.cfg.QueueNums))
-	proc, err := openProcStats(q.cfg.NetNS)
-	if err != nil {
+	if proc, err := openProcStats(q.cfg.NetNS); err != nil {
 		q.cfg.Logger.Warn("cannot read nfnetlink_queue stats; the stop drain falls back to waiting for a quiet socket", "err", err)
 	} else {
 		q.procMu.Lock()
@@ -72,6 +71,7 @@ func (q *Queue) Run(ctx context.Context) error {
 	}
 	close(q.ready)
 
+	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-fatal:
@@ -199,26 +199,21 @@ func (q *Queue) bind(index int, fatal chan<- error) (*binding, error) {
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
 	}
 
-	newVerdicter := func() (verdicter, error) { return newRawVerdicter(nf.Con, num) }
-	v, err := newVerdicter()
-	if err != nil {
-		nf.Close()
-		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
+	// One verdicter per deciding goroutine: each owns its buffer.
+	handlers := make([]*handler, max(1, q.cfg.Workers))
+	for w := range handlers {
+		v, err := newRawVerdicter(nf.Con, num)
+		if err != nil {
+			nf.Close()
+			return nil, fmt.Errorf("nfqueue %d: %w", num, err)
+		}
+		handlers[w] = q.newHandler(index, w, v)
 	}
 	if q.cfg.Workers == 0 {
-		b.inline = q.newHandler(index, 0, v)
+		b.inline = handlers[0]
 	} else {
 		b.jobs = make(chan inbound, workerBacklog)
-		for w := range q.cfg.Workers {
-			v := v
-			if w > 0 {
-				if v, err = newVerdicter(); err != nil {
-					nf.Close()
-					b.stopWorkers()
-					return nil, fmt.Errorf("nfqueue %d: %w", num, err)
-				}
-			}
-			h := q.newHandler(index, w, v)
+		for _, h := range handlers {
 			b.workers.Add(1)
 			go func() {
 				defer b.workers.Done()
