@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -777,4 +778,63 @@ func TestKernelSocketOverflowCounted(t *testing.T) {
 	}
 	// Arrival at the remote is not checked here: the burst that overflows
 	// our socket overflows the remote's UDP socket too.
+}
+
+// TestKernelStartStopCycles binds and stops a queue repeatedly: every
+// cycle binds (the previous one released the queue), and nothing leaks:
+// goroutines and file descriptors return to where they started.
+func TestKernelStartStopCycles(t *testing.T) {
+	netnstest.Require(t)
+	ns := netnstest.New(t, "cycles")
+	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	openFDs := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	cycle := func() {
+		q, err := queue.New(queue.Config{
+			QueueNums: []uint16{1, 2},
+			Workers:   1,
+			NetNS:     ns.FD(),
+			Marks:     kernelMarks,
+			Policy:    func() *nat.Policy { return pol },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- q.Run(ctx) }()
+		select {
+		case <-q.Ready():
+		case err := <-done:
+			t.Fatalf("Run: %v", err)
+		}
+		if p, err := q.ProcStats(); err != nil || len(p) != 2 {
+			t.Fatalf("ProcStats while running: %+v, %v", p, err)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	}
+	cycle() // warm up: the runtime's own threads and pollers
+	goroutines, fds := runtime.NumGoroutine(), openFDs()
+	const cycles = 20
+	for range cycles {
+		cycle()
+	}
+	waitUntil(t, 5*time.Second, "goroutines to finish", func() bool { return runtime.NumGoroutine() <= goroutines })
+	if got := openFDs(); got > fds {
+		t.Errorf("%d file descriptors open after %d cycles, %d before", got, cycles, fds)
+	}
+	if p := procStats(t, ns); len(p) != 0 {
+		t.Errorf("queues bound after the last stop: %+v", p)
+	}
 }
