@@ -32,6 +32,13 @@ type fakeCluster struct {
 
 func startFake(t *testing.T, cluster []netip.Prefix, objs ...runtime.Object) *fakeCluster {
 	t.Helper()
+	return startFakeWith(t, cluster, nil, objs...)
+}
+
+// startFakeWith is startFake with a hook that can add reactors to the
+// clientset before the controller starts.
+func startFakeWith(t *testing.T, cluster []netip.Prefix, hook func(*fake.Clientset), objs ...runtime.Object) *fakeCluster {
+	t.Helper()
 	var policies, core []runtime.Object
 	for _, o := range objs {
 		if _, ok := o.(*unstructured.Unstructured); ok {
@@ -45,6 +52,9 @@ func startFake(t *testing.T, cluster []netip.Prefix, objs ...runtime.Object) *fa
 		dyn: dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
 			map[schema.GroupVersionResource]string{EgressPolicyResource: "EgressNATPolicyList"}, policies...),
 		recorder: record.NewFakeRecorder(100),
+	}
+	if hook != nil {
+		hook(f.client)
 	}
 	c, err := NewEgressController(f.client, f.dyn, EgressOptions{
 		ClusterCIDRs: cluster,

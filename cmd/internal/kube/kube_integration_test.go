@@ -681,7 +681,7 @@ func TestIntegrationNodePodCIDRs(t *testing.T) {
 		t.Cleanup(func() { _ = s.client.CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{}) })
 	}
 	mknode("it-dual-"+suffix, "10.244.3.0/24", "fd00:10:244:3::/64")
-	mknode("it-bare-"+suffix)
+	mknode("it-bare-" + suffix)
 
 	agent, _ := s.as(t, agentAccount)
 	got, err := NodePodCIDRs(ctx, agent, "it-dual-"+suffix)

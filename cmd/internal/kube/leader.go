@@ -37,8 +37,9 @@ var ErrLostLeadership = errors.New("lost the leader lease")
 
 // RunLeading blocks until this replica holds the Lease, then calls run
 // with a context that ends when ctx ends or the Lease is lost. It returns
-// once run has returned: run's error, ErrLostLeadership, or nil when ctx
-// ended. The Lease is released on return so a successor starts at once.
+// once run has returned: run's error, ErrLostLeadership when the Lease was
+// lost, else nil. The Lease is released on return so a successor starts
+// at once.
 func RunLeading(ctx context.Context, client kubernetes.Interface, le LeaderElection, run func(context.Context) error) error {
 	if le.Identity == "" {
 		host, err := os.Hostname()
@@ -64,11 +65,16 @@ func RunLeading(ctx context.Context, client kubernetes.Interface, le LeaderElect
 	// Run before that goroutine has begun. closed settles the race: a
 	// callback that starts after Run returned does not call run, and one
 	// that started is waited for, so run never outlives RunLeading.
+	// electing ends the elector when run returns on its own, which client-go
+	// would not notice: it would go on renewing a lease nobody uses.
+	electing, stopElecting := context.WithCancel(ctx)
+	defer stopElecting()
 	var (
 		mu      sync.Mutex
 		closed  bool
 		running bool
 		runErr  error
+		lost    bool
 		done    = make(chan struct{})
 	)
 	elector, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
@@ -89,6 +95,10 @@ func RunLeading(ctx context.Context, client kubernetes.Interface, le LeaderElect
 				mu.Unlock()
 				defer close(done)
 				runErr = run(leading)
+				// The lease was lost if run's context ended while the
+				// caller's had not; checked before stopElecting ends it.
+				lost = leading.Err() != nil && ctx.Err() == nil
+				stopElecting()
 			},
 			OnStoppedLeading: func() {},
 		},
@@ -96,20 +106,24 @@ func RunLeading(ctx context.Context, client kubernetes.Interface, le LeaderElect
 	if err != nil {
 		return fmt.Errorf("leader election: %w", err)
 	}
-	// Run returns when ctx ends or the lease is lost; in both cases the
-	// context given to run is already cancelled.
-	elector.Run(ctx)
+	// Run returns when ctx ends, run returns, or the lease is lost; in
+	// every case the context given to run is already cancelled.
+	elector.Run(electing)
 	mu.Lock()
 	closed = true
 	led := running
 	mu.Unlock()
-	if led {
-		<-done
-		if runErr != nil {
-			return runErr
+	if !led {
+		if ctx.Err() == nil {
+			return ErrLostLeadership // acquired and lost before run began
 		}
+		return nil
 	}
-	if ctx.Err() == nil {
+	<-done
+	switch {
+	case runErr != nil:
+		return runErr
+	case lost:
 		return ErrLostLeadership
 	}
 	return nil
