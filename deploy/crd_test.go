@@ -20,6 +20,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	celconfig "k8s.io/apiserver/pkg/apis/cel"
 	"sigs.k8s.io/yaml"
+
+	"github.com/nfmasq/nfmasq/nat"
 )
 
 const crdName = "egressnatpolicies.networking.gke.io"
@@ -210,7 +212,7 @@ func TestPolicySchemaRejectsInvalidPolicies(t *testing.T) {
 		{name: "IPv6 and everything", body: "spec:\n  action: NoSNAT\n  destinations:\n  - cidr: 0.0.0.0/0\n  - cidr: ::/0\n  - cidr: 2001:db8::/32\n"},
 		{
 			name: "status with a condition",
-			body: "spec:\n  action: NoSNAT\n  destinations: []\nstatus:\n  observedGeneration: 2\n  conditions:\n  - type: Accepted\n    status: \"False\"\n    reason: InvalidCIDR\n    message: 'CIDR \"10.0.0.1/8\" is not aligned to a CIDR block'\n    lastTransitionTime: \"2026-01-02T03:04:05Z\"\n",
+			body: "spec:\n  action: NoSNAT\n  destinations: []\nstatus:\n  observedGeneration: 2\n  conditions:\n  - type: Valid\n    status: \"False\"\n    reason: InvalidDestination\n    message: 'CIDR \"10.0.0.1/8\" is not aligned to a CIDR block'\n    lastTransitionTime: \"2026-01-02T03:04:05Z\"\n",
 		},
 		{name: "action SNAT", body: "spec:\n  action: SNAT\n  destinations:\n  - cidr: 10.0.0.0/8\n", want: []string{`spec.action: Unsupported value: "SNAT"`}},
 		{name: "action lower case", body: "spec:\n  action: nosnat\n  destinations: []\n", want: []string{"spec.action: Unsupported value"}},
@@ -229,7 +231,7 @@ func TestPolicySchemaRejectsInvalidPolicies(t *testing.T) {
 			body:       "spec:\n  action: NoSNAT\n  destinations: []\n  nonMasqueradeCIDRs: [10.0.0.0/8]\n",
 			wantPruned: []string{"spec.nonMasqueradeCIDRs"},
 		},
-		{name: "bad condition status", body: "spec:\n  action: NoSNAT\n  destinations: []\nstatus:\n  conditions:\n  - type: Accepted\n    status: maybe\n    reason: X\n    message: \"\"\n    lastTransitionTime: \"2026-01-02T03:04:05Z\"\n", want: []string{"status.conditions[0].status: Unsupported value"}},
+		{name: "bad condition status", body: "spec:\n  action: NoSNAT\n  destinations: []\nstatus:\n  conditions:\n  - type: Valid\n    status: maybe\n    reason: X\n    message: \"\"\n    lastTransitionTime: \"2026-01-02T03:04:05Z\"\n", want: []string{"status.conditions[0].status: Unsupported value"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -295,5 +297,20 @@ func TestCIDRChecksAgree(t *testing.T) {
 				t.Errorf("isCIDR: %v, want %v", got, tt.isCIDR)
 			}
 		})
+	}
+}
+
+// TestMisalignedCIDRIsTheControllersJob backs the CRD's description: the
+// API server stores a range with host bits set, and the controller's parser
+// (ip-masq-agent's rules) rejects it, so the policy gets Valid=False.
+func TestMisalignedCIDRIsTheControllersJob(t *testing.T) {
+	pv := newPolicyValidator(t)
+	const cidr = "10.0.0.1/8"
+	_, errs := pv.validate(t, "apiVersion: networking.gke.io/v1\nkind: EgressNATPolicy\nmetadata:\n  name: p\nspec:\n  action: NoSNAT\n  destinations:\n  - cidr: "+cidr+"\n")
+	if len(errs) > 0 {
+		t.Fatalf("the schema rejects %s: %v", cidr, errs.ToAggregate())
+	}
+	if _, err := nat.NewEgressPolicy("p", "NoSNAT", []string{cidr}); err == nil || !strings.Contains(err.Error(), "not aligned") {
+		t.Errorf("nat.NewEgressPolicy(%s): %v, want a \"not aligned\" error", cidr, err)
 	}
 }
