@@ -20,9 +20,10 @@
 // that, with the fail-open flag, new packets are accepted unmarked
 // instead of queued; it keeps answering until the kernel reports
 // (/proc/.../nfnetlink_queue, read in the queue's namespace) that nothing
-// waits for a verdict; then it closes the socket. Packets are therefore
-// never dropped by an orderly stop, and the queue rule can stay in place
-// (with --queue-bypass) through a restart.
+// waits for a verdict; then it closes the socket. An orderly stop
+// therefore drops no packet (unless the drain outlasts
+// Config.DrainTimeout), and the queue rule can stay in place (with
+// --queue-bypass) through a restart.
 //
 // # Mark and verdict
 //
@@ -46,7 +47,8 @@
 //
 // Per packet, userspace does one read into a fixed buffer (go-nfqueue's
 // connection is swapped for one without a MSG_PEEK per message), decodes
-// and decides without allocating (about 0.1 µs plus two clock reads), and
+// and decides without allocating (BenchmarkHandle: 80 ns, two clock reads
+// included; decoding alone is 7-13 ns), and
 // writes the verdict from a reusable buffer. Measured on the 2-core build
 // machine with BenchmarkKernelNewFlows (new UDP flows from a raw sender in
 // the pod, at most 256 unanswered; medians of 8 runs, the machine shared):
