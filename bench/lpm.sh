@@ -80,7 +80,7 @@ END {
 if [ -z "${NO_BENCHSTAT:-}" ]; then
 	echo
 	echo "benchstat (columns by implementation):"
-	go run golang.org/x/perf/cmd/benchstat@latest -col /impl "$raw" 2>/dev/null ||
+	go run golang.org/x/perf/cmd/benchstat@latest -col '/impl@(bart.Lite lpm bart.Table netipx.IPSet floor)' "$raw" 2>/dev/null ||
 		echo "(benchstat not available; set NO_BENCHSTAT=1 to skip)"
 fi
 [ -n "${RAW:-}" ] || rm -f "$raw"

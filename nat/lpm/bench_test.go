@@ -28,8 +28,8 @@ import (
 // the benchmark was descheduled on a shared machine. "B/table" is the heap kept by the built structure,
 // measured as the HeapAlloc difference around building it, with a GC on
 // each side (the input slice is allocated before). Table also reports
-// "x-bart-ns": its CPU time over the faster of bart.Table and bart.Lite measured
-// just before it, and "x-bart-B" its memory over bart.Lite's (the smaller
+// "x-bart-time": its CPU time over the faster of bart.Table and bart.Lite measured
+// just before it, and "x-bart-mem" its memory over bart.Lite's (the smaller
 // bart), and "B/acct" its own accounting (MemoryBytes), which should agree
 // with B/table up to allocator rounding. bench/lpm.sh runs them with -count and prints medians.
 
@@ -312,10 +312,10 @@ func BenchmarkLookup(b *testing.B) {
 					b.ReportMetric(float64(bt.accounted), "B/acct")
 					bartNs := min(results["bart.Table"].ns, results["bart.Lite"].ns)
 					if bartNs > 0 {
-						b.ReportMetric(results["lpm"].ns/bartNs, "x-bart-ns")
+						b.ReportMetric(results["lpm"].ns/bartNs, "x-bart-time")
 					}
 					if lite := getBuilt(set, implNamed("bart.Lite")).bytes; lite > 0 {
-						b.ReportMetric(float64(bt.bytes)/float64(lite), "x-bart-B")
+						b.ReportMetric(float64(bt.bytes)/float64(lite), "x-bart-mem")
 					}
 				})
 			}

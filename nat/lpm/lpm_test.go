@@ -3,6 +3,7 @@ package lpm
 import (
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 )
 
@@ -263,4 +264,34 @@ func prefixAt(prefixes []netip.Prefix, i int) any {
 		return "none"
 	}
 	return prefixes[i]
+}
+
+// TestSortSpans checks the packed IPv4 sort against the general one,
+// including an index too large to pack, which must fall back.
+func TestSortSpans(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	mk := func(n int, bigIndex bool) []span {
+		var out []span
+		for i, p := range randomPrefixes4(rng, n, 0, 32) {
+			a := p.Masked().Addr().As4()
+			start := u128{0, uint64(a[0])<<24 | uint64(a[1])<<16 | uint64(a[2])<<8 | uint64(a[3])}
+			idx := int32(i)
+			if bigIndex && i == n-1 {
+				idx = 1 << 26
+			}
+			out = append(out, span{start: start, end: start.or(lowMask(uint(32 - p.Bits()))), bits: p.Bits(), index: idx})
+			out = append(out, out[len(out)-1]) // duplicates
+			out[len(out)-1].index += 1 << 20
+		}
+		return out
+	}
+	for _, big := range []bool{false, true} {
+		spans := mk(2000, big)
+		want := slices.Clone(spans)
+		sortSpans(want, false)
+		sortSpans(spans, true)
+		if !slices.Equal(spans, want) {
+			t.Errorf("bigIndex=%v: packed sort differs from the general sort", big)
+		}
+	}
 }
