@@ -166,9 +166,11 @@ func nonMasqueradeCIDRs(verdicts []verdict) []string {
 func renderAgentConfig(current string, exists bool, cidrs []string) (text string, changed bool, note string, err error) {
 	fields := map[string]any{}
 	if strings.TrimSpace(current) != "" {
-		if uerr := yaml.Unmarshal([]byte(current), &fields); uerr != nil || fields == nil {
+		if uerr := yaml.Unmarshal([]byte(current), &fields); uerr != nil {
 			fields = map[string]any{}
 			note = fmt.Sprintf("the existing config is not a YAML object and is replaced (%v)", uerr)
+		} else if fields == nil {
+			fields = map[string]any{} // "null" or comments only: nothing to keep
 		}
 	}
 	if exists && note == "" && sameStrings(fields[nonMasqueradeKey], cidrs) {
