@@ -1,0 +1,341 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"path"
+	"strings"
+)
+
+// Targets of issue 5, as ratios and bounds.
+const (
+	targetVsIPSet     = 0.8  // agent new flows/s ≥ 0.8 × ipset, 0 undecided
+	targetVsChain     = 3.0  // agent new flows/s ≥ 3 × chain …
+	targetVsChainAt   = 5000 // … at 5,000 CIDRs
+	targetTCP         = 0.97 // established TCP ≥ 0.97 × kernel only
+	targetAddedP50    = 30.0 // µs
+	targetAddedP99    = 150.0
+	targetReloadSecs  = 0.2
+	targetReloadCIDRs = 100000
+)
+
+// target is one line of the targets table.
+type target struct {
+	What, Scope, Measured string
+	Met                   *bool // nil: not measured in this run
+}
+
+func (t target) status() string {
+	switch {
+	case t.Met == nil:
+		return "not measured"
+	case *t.Met:
+		return "**met**"
+	default:
+		return "**missed**"
+	}
+}
+
+func boolp(b bool) *bool { return &b }
+
+// targets evaluates every target the results can speak to. Ratios and
+// differences are medians over repetitions of the same-repetition pair.
+func targets(r *Results) []target {
+	var out []target
+	sustained := func(s Sample) float64 { return s.NewFlows.Sustained }
+	tcp := func(s Sample) float64 { return s.TCP.BitsPerSecond }
+	p50 := func(s Sample) float64 { return s.Connect.P50 }
+	p99 := func(s Sample) float64 { return s.Connect.P99 }
+	scope := func(n int) string { return fmt.Sprintf("%s CIDRs", thousands(n)) }
+	for _, n := range cidrCounts(r.Samples) {
+		if v, ok := paired(r.Samples, n, Agent, IPSet, sustained, false); ok {
+			out = append(out, target{"new flows/s ≥ 0.8 × ipset, 0 undecided", scope(n), fmt.Sprintf("%.2f ×", v), boolp(v >= targetVsIPSet)})
+		}
+	}
+	if v, ok := paired(r.Samples, targetVsChainAt, Agent, Chain, sustained, false); ok {
+		out = append(out, target{"new flows/s ≥ 3 × ip-masq-agent chain", scope(targetVsChainAt), fmt.Sprintf("%.2f ×", v), boolp(v >= targetVsChain)})
+	} else {
+		out = append(out, target{"new flows/s ≥ 3 × ip-masq-agent chain", scope(targetVsChainAt), "–", nil})
+	}
+	for _, n := range cidrCounts(r.Samples) {
+		a, okA := paired(r.Samples, n, Agent, IPSet, tcp, false)
+		c, okC := paired(r.Samples, n, Agent, Chain, tcp, false)
+		if okA || okC {
+			v := minKnown(a, c)
+			out = append(out, target{"established TCP ≥ 0.97 × kernel only", scope(n),
+				fmt.Sprintf("%s × ipset, %s × chain", ratio(a), ratio(c)), boolp(v >= targetTCP)})
+		}
+	}
+	for _, n := range cidrCounts(r.Samples) {
+		d50, ok50 := paired(r.Samples, n, Agent, IPSet, p50, true)
+		d99, ok99 := paired(r.Samples, n, Agent, IPSet, p99, true)
+		if ok50 {
+			out = append(out, target{"added connect latency p50 ≤ 30 µs (vs ipset)", scope(n), fmt.Sprintf("%+.1f µs", d50), boolp(d50 <= targetAddedP50)})
+		}
+		if ok99 {
+			out = append(out, target{"added connect latency p99 ≤ 150 µs (vs ipset)", scope(n), fmt.Sprintf("%+.1f µs", d99), boolp(d99 <= targetAddedP99)})
+		}
+	}
+	if len(r.Reloads) > 0 {
+		secs := make([]float64, len(r.Reloads))
+		var lost uint64
+		for i, rl := range r.Reloads {
+			secs[i] = rl.Seconds
+			lost += rl.Load.Undecided.Total() + (rl.Load.Sent - min(rl.Load.Sent, rl.Load.Delivered))
+		}
+		m := median(secs)
+		to := r.Reloads[0].ToCIDRs
+		met := m <= targetReloadSecs && lost == 0
+		var mp *bool
+		if to >= targetReloadCIDRs {
+			mp = boolp(met)
+		}
+		out = append(out, target{"reload ≤ 200 ms, no verdict lost", scope(to) + " config",
+			fmt.Sprintf("%.0f ms median, %d flows undecided or lost", m*1e3, lost), mp})
+	}
+	return out
+}
+
+func minKnown(a, b float64) float64 {
+	switch {
+	case math.IsNaN(a):
+		return b
+	case math.IsNaN(b):
+		return a
+	}
+	return math.Min(a, b)
+}
+
+func ratio(v float64) string {
+	if math.IsNaN(v) {
+		return "–"
+	}
+	return fmt.Sprintf("%.3f", v)
+}
+
+// thousands writes n with commas: 50000 → "50,000".
+func thousands(n int) string {
+	s := fmt.Sprint(n)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
+
+func rate(v float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "–"
+	case v >= 1e6:
+		return fmt.Sprintf("%.2fM", v/1e6)
+	case v >= 1e3:
+		return fmt.Sprintf("%.1fk", v/1e3)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+// summaryTables are the result tables: medians per CIDR count and
+// dataplane, with the agent's ratios to each anchor.
+func summaryTables(r *Results) string {
+	var b strings.Builder
+	sums := summarise(r.Samples)
+	get := func(n int, dp string) (Summary, bool) {
+		for _, s := range sums {
+			if s.CIDRs == n && s.Dataplane == dp {
+				return s, true
+			}
+		}
+		return Summary{}, false
+	}
+	cell := func(n int, dp string, f func(Summary) string) string {
+		if s, ok := get(n, dp); ok {
+			return f(s)
+		}
+		return "–"
+	}
+	pair := func(n int, a, bb string, f func(Sample) float64, diff bool) string {
+		v, ok := paired(r.Samples, n, a, bb, f, diff)
+		switch {
+		case !ok:
+			return "–"
+		case diff:
+			return fmt.Sprintf("%+.1f", v)
+		}
+		return fmt.Sprintf("%.2f", v)
+	}
+	counts := cidrCounts(r.Samples)
+
+	b.WriteString("### New flows per second (first packet of each flow)\n\n")
+	b.WriteString("Sustained: highest paced rate at which every flow arrived, masqueraded, and none went undecided. ")
+	b.WriteString("Unpaced: delivered rate when the sender does not pace itself (undecided flows allowed; median count shown).\n\n")
+	b.WriteString("| CIDRs | kernel prefixes | agent sustained | chain sustained | ipset sustained | agent ÷ ipset | agent ÷ chain | agent unpaced (undecided) | chain unpaced | ipset unpaced |\n")
+	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	sustained := func(s Sample) float64 { return s.NewFlows.Sustained }
+	for _, n := range counts {
+		prefixes := "–"
+		for _, dp := range dataplanes {
+			if s, ok := get(n, dp); ok {
+				prefixes = thousands(s.KernelPrefixes)
+				break
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", thousands(n), prefixes,
+			cell(n, Agent, func(s Summary) string { return rate(s.Sustained) }),
+			cell(n, Chain, func(s Summary) string { return rate(s.Sustained) }),
+			cell(n, IPSet, func(s Summary) string { return rate(s.Sustained) }),
+			pair(n, Agent, IPSet, sustained, false), pair(n, Agent, Chain, sustained, false),
+			cell(n, Agent, func(s Summary) string { return fmt.Sprintf("%s (%.0f)", rate(s.Max), s.MaxUndecided) }),
+			cell(n, Chain, func(s Summary) string { return rate(s.Max) }),
+			cell(n, IPSet, func(s Summary) string { return rate(s.Max) }))
+	}
+
+	b.WriteString("\n### Established TCP throughput (bulk transfer pod → remote through the node)\n\n")
+	b.WriteString("| CIDRs | agent Gbit/s | chain Gbit/s | ipset Gbit/s | agent ÷ ipset | agent ÷ chain |\n|---:|---:|---:|---:|---:|---:|\n")
+	tcp := func(s Sample) float64 { return s.TCP.BitsPerSecond }
+	gbit := func(s Summary) string { return fmt.Sprintf("%.2f", s.TCPBits/1e9) }
+	for _, n := range counts {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", thousands(n),
+			cell(n, Agent, gbit), cell(n, Chain, gbit), cell(n, IPSet, gbit),
+			pair(n, Agent, IPSet, tcp, false), pair(n, Agent, Chain, tcp, false))
+	}
+
+	b.WriteString("\n### TCP connect time (µs; the SYN is each flow's first packet)\n\n")
+	b.WriteString("| CIDRs | agent p50 | agent p99 | chain p50 | chain p99 | ipset p50 | ipset p99 | added p50 vs ipset | added p99 vs ipset | added p50 vs chain | added p99 vs chain |\n")
+	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	p50 := func(s Sample) float64 { return s.Connect.P50 }
+	p99 := func(s Sample) float64 { return s.Connect.P99 }
+	us := func(f func(Summary) float64) func(Summary) string {
+		return func(s Summary) string { return fmt.Sprintf("%.1f", f(s)) }
+	}
+	s50 := us(func(s Summary) float64 { return s.P50 })
+	s99 := us(func(s Summary) float64 { return s.P99 })
+	for _, n := range counts {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", thousands(n),
+			cell(n, Agent, s50), cell(n, Agent, s99), cell(n, Chain, s50), cell(n, Chain, s99), cell(n, IPSet, s50), cell(n, IPSet, s99),
+			pair(n, Agent, IPSet, p50, true), pair(n, Agent, IPSet, p99, true),
+			pair(n, Agent, Chain, p50, true), pair(n, Agent, Chain, p99, true))
+	}
+
+	if len(r.Reloads) > 0 {
+		b.WriteString("\n### Reload under load (agent)\n\n")
+		b.WriteString("| rep | CIDRs | file renamed → generation metric | flows sent meanwhile | arrived | undecided | queue drops |\n|---:|---|---:|---:|---:|---:|---:|\n")
+		for _, rl := range r.Reloads {
+			u := rl.Load.Undecided
+			fmt.Fprintf(&b, "| %d | %s → %s | %.0f ms | %d | %d | %d | %d |\n", rl.Rep, thousands(rl.FromCIDRs), thousands(rl.ToCIDRs),
+				rl.Seconds*1e3, rl.Load.Sent, rl.Load.Delivered, u.Fallback, u.QueueDropped+u.UserDropped)
+		}
+	}
+
+	b.WriteString("\n### Setup time (s: agent start to ready, or rule install)\n\n| CIDRs | agent | chain | ipset |\n|---:|---:|---:|---:|\n")
+	setup := func(s Summary) string { return fmt.Sprintf("%.2f", s.SetupSeconds) }
+	for _, n := range counts {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", thousands(n), cell(n, Agent, setup), cell(n, Chain, setup), cell(n, IPSet, setup))
+	}
+	return b.String()
+}
+
+// renderReport is docs/benchmarks.md: the machine, the commands, the
+// targets and the tables, with the plots from plotDir.
+func renderReport(r *Results, plotDir string) string {
+	var b strings.Builder
+	m := r.Machine
+	b.WriteString("# Benchmarks\n\n")
+	b.WriteString("<!-- Generated by bench/run.sh from the results file; edit bench/live/report.go, not this file. -->\n\n")
+	fmt.Fprintf(&b, "Measured %s, %.0f s of measurement", r.Started.Format("2006-01-02 15:04 UTC"), r.Seconds)
+	if m.Commit != "" {
+		fmt.Fprintf(&b, ", at commit `%s`", m.Commit)
+	}
+	b.WriteString(".")
+	if r.Settings.Short {
+		b.WriteString(" **This is a `-short` run (CI smoke test): tiny bursts, one repetition. Its numbers mean nothing.**")
+	}
+	b.WriteString("\n\n## Machine\n\n| kernel | CPU | cores | Go | iptables backend | nf_conntrack_max |\n|---|---|---:|---|---|---:|\n")
+	fmt.Fprintf(&b, "| %s | %s | %d | %s | %s | %s |\n\n", m.Kernel, m.CPU, m.Cores, m.GoVersion, m.Backend, thousands(m.ConntrackMax))
+	b.WriteString("Sender, receiver, node forwarding and the agent share these cores; nothing is pinned.\n\n")
+
+	b.WriteString("## Commands\n\n```sh\nsudo bench/run.sh          # everything below, then this file and the plots\nsudo bench/run.sh -short   # CI smoke run, < 60 s\n```\n\n")
+	b.WriteString("which ran:\n\n```sh\n" + r.Command + "\ngo run ./bench/plot -in docs/benchmarks/live.json -dir docs/benchmarks\ngo run ./bench/live -report -in docs/benchmarks/live.json -o docs/benchmarks.md\n```\n\n")
+	s := r.Settings
+	fmt.Fprintf(&b, "Settings: CIDR counts %s; %d repetitions; paced bursts of %.1f s (at least %s, at most %s flows); TCP transfer %.1f s; %s connects; reload to %s CIDRs under %s new flows/s; agent flags %s.\n\n",
+		joinInts(s.CIDRCounts), s.Reps, s.TrialSeconds, thousands(s.MinFlows), thousands(s.MaxFlows), s.TCPSeconds, thousands(s.Connects),
+		thousands(s.ReloadCIDRs), rate(s.ReloadRate), agentFlags(s.AgentArgs))
+
+	b.WriteString(methodText)
+
+	b.WriteString("## Targets\n\n| target | scope | measured | status |\n|---|---|---|---|\n")
+	for _, t := range targets(r) {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", t.What, t.Scope, t.Measured, t.status())
+	}
+	b.WriteString("\nRatios and added latencies are medians, over repetitions, of the agent against the anchor measured in the same repetition. " +
+		"\"Kernel only\" for TCP is the lower of the two ratios.\n\n")
+
+	b.WriteString("## Results (medians)\n\n")
+	fmt.Fprintf(&b, "![new flows per second against the number of non-masquerade CIDRs](%s)\n\n", path.Join(plotDir, "newflows.png"))
+	fmt.Fprintf(&b, "![TCP connect time CDF](%s)\n\n", path.Join(plotDir, "connect-cdf.png"))
+	b.WriteString(summaryTables(r))
+	b.WriteString("\nEvery burst, connect distribution and reload is in the results file, with why each failing burst failed.\n")
+	return b.String()
+}
+
+func agentFlags(args []string) string {
+	if len(args) == 0 {
+		return "(defaults)"
+	}
+	return "`" + strings.Join(args, " ") + "`"
+}
+
+func joinInts(v []int) string {
+	s := make([]string, len(v))
+	for i, n := range v {
+		s[i] = thousands(n)
+	}
+	return strings.Join(s, ", ")
+}
+
+const methodText = `## What is measured
+
+Three namespaces, pod → node → remote, joined by veth pairs
+(internal/netnstest); the node forwards and does the NAT. Each dataplane
+is set up on a bare node, measured, and removed:
+
+- **agent**: ` + "`nfmasq agent`" + ` (built from this tree) with every decision
+  written to a file flow log (` + "`--flow-log file:…`" + `). The first packet
+  of each flow goes to NFQUEUE; the verdict's mark is saved in the
+  connmark; MASQUERADE acts on the mark. Its kernel fallback (an ipset
+  above 64 CIDRs) decides only what the agent does not.
+- **chain**: kernel only, ip-masq-agent's layout: one ` + "`-d CIDR -j RETURN`" + `
+  rule per non-masquerade CIDR, then MASQUERADE.
+- **ipset**: kernel only, one ` + "`-m set --match-set … dst -j RETURN`" + ` rule
+  over an ipset ` + "`hash:net`" + `.
+
+The non-masquerade list is GKE's 11 default ranges plus random disjoint
+prefixes (lengths /18–/30, in 20.0.0.0–99.255.255.255) up to the CIDR
+count; the kernel rules get the list the agent compiles from the same
+file (link-local added). The test destination (11.0.0.10) is in none of
+them, so every flow is masqueraded after the whole list is consulted —
+the chain's worst case.
+
+- **New flows/s**: a packet socket in the pod writes IPv4/UDP packets, each
+  from a new source address/port (a new conntrack entry, so the whole
+  first-packet path runs). The remote drops them in raw PREROUTING and
+  counts them by source address. A burst passes when every flow arrived
+  masqueraded, the pod's socket refused none, the sender kept the offered
+  pace, and nothing went undecided: the NFMASQ-FALLBACK chain's CONNMARK
+  counter (fail-open, bypass, unmarked accepts), the kernel's
+  ` + "`queue_dropped`/`user_dropped`" + ` counters, and the agent's
+  ` + "`nfmasq_queue_skipped_total`" + ` all stayed put. The rate is searched
+  (doubling, then geometric bisection) for the highest passing rate. The
+  node's conntrack table is flushed before every burst.
+- **Established TCP**: one bulk transfer pod → remote; rate measured by the
+  receiver.
+- **Connect time**: blocking ` + "`connect(2)`" + ` from the pod, one after another,
+  each closed with a reset; "added" latency is the agent's percentile
+  minus the anchor's, in the same repetition.
+- **Reload**: the agent runs with the 11 default CIDRs and receives new
+  flows at a steady rate; a config of the reload size is renamed into its
+  directory (as kubelet updates a ConfigMap); the time until
+  ` + "`nfmasq_policy_generation`" + ` moves is the reload time (it includes the
+  agent's 100 ms debounce of file events and installing the new ipset).
+  Every flow sent meanwhile must arrive with no undecided flow.
+
+`
