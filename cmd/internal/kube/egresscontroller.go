@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -192,7 +193,13 @@ func (c *EgressController) processNext(ctx context.Context) bool {
 	err := c.reconcile(ctx)
 	c.reconciled.Add(1)
 	if err != nil {
-		if ctx.Err() == nil {
+		switch {
+		case ctx.Err() != nil:
+		case apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err):
+			// The caches had not yet seen a write (ours or another's);
+			// the retry works from the newer state.
+			c.log.Debug("reconcile raced a write; retrying", "err", err)
+		default:
 			c.log.Warn("reconcile failed; retrying", "err", err, "retries", c.queue.NumRequeues(key))
 		}
 		c.queue.AddRateLimited(key)
@@ -259,15 +266,7 @@ func (c *EgressController) listPolicies() ([]*unstructured.Unstructured, error) 
 		}
 		objs = append(objs, obj)
 	}
-	slices.SortFunc(objs, func(a, b *unstructured.Unstructured) int {
-		switch {
-		case a.GetName() < b.GetName():
-			return -1
-		case a.GetName() > b.GetName():
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(objs, func(a, b *unstructured.Unstructured) int { return strings.Compare(a.GetName(), b.GetName()) })
 	return objs, nil
 }
 

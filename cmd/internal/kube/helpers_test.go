@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -26,4 +27,10 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func(ctx con
 	if err != nil {
 		t.Fatalf("waiting for %s: %v (last error: %v)", what, err, last)
 	}
+}
+
+// testLogger shows a controller's log with the test's output (go test -v,
+// or on failure), where it explains what the controller did meanwhile.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }

@@ -345,6 +345,7 @@ func (s *testServer) runController(t *testing.T, cluster []netip.Prefix) *Egress
 		ClusterCIDRs: cluster,
 		ConfigMap:    agentConfigMap,
 		Resync:       time.Minute,
+		Logger:       testLogger(t),
 	})
 	if err != nil {
 		t.Fatal(err)

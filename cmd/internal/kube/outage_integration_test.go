@@ -152,6 +152,7 @@ func TestIntegrationSurvivesAPIServerOutage(t *testing.T) {
 		ClusterCIDRs: prefixes("10.244.0.0/16"),
 		ConfigMap:    agentConfigMap,
 		Resync:       time.Minute,
+		Logger:       testLogger(t),
 	})
 	if err != nil {
 		t.Fatal(err)
