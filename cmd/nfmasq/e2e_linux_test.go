@@ -84,6 +84,11 @@ func TestAgentGKEStandardTable(t *testing.T) {
 			flows:  cases(both(internet4, "pod"), both(internal4, "pod"), both(linkLocal4, "pod"), both(internet6, "pod")),
 		},
 		{
+			name:  "two balanced queues with a worker pool",
+			flags: []string{"--queues", "2", "--workers", "2"},
+			flows: cases(both(internal4, "pod"), both(internet4, "node"), both(internal6, "node"), both(linkLocal4, "pod")),
+		},
+		{
 			name:  "upstream RFC 1918 defaults",
 			flags: []string{"--nomasq-all-reserved-ranges=false"},
 			flows: cases(both(internal4, "pod"), both(cgnat4, "node")),
