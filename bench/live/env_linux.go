@@ -18,6 +18,7 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
+	"github.com/ti-mo/netfilter"
 
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/queue"
@@ -236,6 +237,17 @@ func (b *bench) flushConntrack(ctx context.Context, agent bool) error {
 	}
 	b.logf("warning: the agent was still writing flow records 15s after a conntrack flush")
 	return nil
+}
+
+// countFallbackEntries counts the node's conntrack entries whose connmark
+// says the kernel fallback decided them. The kernel filters the dump.
+func (b *bench) countFallbackEntries() (uint64, error) {
+	m := b.opts.marks
+	flows, err := b.ct.DumpFilter(conntrack.NewFilter().Family(netfilter.ProtoIPv4).Mark(m.Fallback).MarkMask(m.Mask), nil)
+	if err != nil {
+		return 0, fmt.Errorf("dump fallback-marked conntrack entries: %w", err)
+	}
+	return uint64(len(flows)), nil
 }
 
 // arrivalClock follows the remote's received-packet counter, to time the

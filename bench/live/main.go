@@ -15,6 +15,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
 func init() {
@@ -54,6 +56,7 @@ type options struct {
 	tmp          string
 	pdeathsig    bool
 	keepTmp      bool
+	marks        rules.Marks // the agent's, from --mark-mask in agentArgs
 }
 
 // shortPreset is -short: one CIDR count, one repetition, tiny bursts. It
@@ -147,6 +150,9 @@ the markdown report from one.
 		o.dataplanes = append(o.dataplanes, d)
 	}
 	o.agentArgs = strings.Fields(*agentArgs)
+	if o.marks, err = agentMarks(o.agentArgs); err != nil {
+		return o, fmt.Errorf("-agent-args: %w", err)
+	}
 	if o.dst, err = netip.ParseAddr(*dst); err != nil || !o.dst.Is4() {
 		return o, fmt.Errorf("-dst %q: want an IPv4 address", *dst)
 	}
@@ -154,6 +160,21 @@ the markdown report from one.
 		return o, errors.New("-reps, -trial-seconds, -min-flows, -max-trials and -connects must be positive, -max-flows at least -min-flows")
 	}
 	return o, nil
+}
+
+// agentMarks returns the marks the agent will use: rules.DefaultMarks, or
+// those of a --mark-mask among its flags.
+func agentMarks(args []string) (rules.Marks, error) {
+	for i, a := range args {
+		v, ok := strings.CutPrefix(a, "--mark-mask=")
+		if a == "--mark-mask" && i+1 < len(args) {
+			v, ok = args[i+1], true
+		}
+		if ok {
+			return rules.ParseMarkMask(v)
+		}
+	}
+	return rules.DefaultMarks, nil
 }
 
 func parseInts(s string) ([]int, error) {

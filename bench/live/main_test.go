@@ -4,6 +4,8 @@ import (
 	"io"
 	"slices"
 	"testing"
+
+	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -25,6 +27,12 @@ func TestParseFlags(t *testing.T) {
 		{"agent args split", []string{"-agent-args", "--queues 2  --workers 1"}, func(o options) bool {
 			return slices.Equal(o.agentArgs, []string{"--queues", "2", "--workers", "1"})
 		}, false},
+		{"agent mark mask", []string{"-agent-args", "--mark-mask 0x300 --queues 2"}, func(o options) bool {
+			return o.marks.Mask == 0x300 && o.marks.Fallback == 0x300 && o.marks.Masquerade == 0x100
+		}, false},
+		{"agent mark mask with =", []string{"-agent-args", "--mark-mask=0x600"}, func(o options) bool { return o.marks.Fallback == 0x600 }, false},
+		{"default marks", nil, func(o options) bool { return o.marks == rules.DefaultMarks }, false},
+		{"bad agent mark mask", []string{"-agent-args", "--mark-mask 0x1"}, nil, true},
 		{"one dataplane", []string{"-dataplanes", "ipset"}, func(o options) bool { return slices.Equal(o.dataplanes, []string{IPSet}) }, false},
 		{"unknown dataplane", []string{"-dataplanes", "nft"}, nil, true},
 		{"bad count", []string{"-cidrs", "11,zero"}, nil, true},

@@ -57,6 +57,12 @@ func (b *bench) trial(ctx context.Context, r *running, p burst) (Trial, error) {
 	if err != nil {
 		return Trial{}, err
 	}
+	var ctFallback uint64
+	if agent {
+		if ctFallback, err = b.countFallbackEntries(); err != nil {
+			return Trial{}, err
+		}
+	}
 	t := Trial{
 		Offered:     rate,
 		Sent:        res.sent,
@@ -70,6 +76,7 @@ func (b *bench) trial(ctx context.Context, r *running, p burst) (Trial, error) {
 			UserDropped:  after.userDrop - before.userDrop,
 			Skipped:      uint64(after.skipped - before.skipped),
 			Agent:        uint64(after.agentUndec - before.agentUndec),
+			Conntrack:    ctFallback,
 		},
 	}
 	if t.SendSeconds > 0 {

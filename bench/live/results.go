@@ -113,6 +113,10 @@ type Undecided struct {
 	// already inside Fallback.
 	Skipped uint64 `json:"skipped"`
 	Agent   uint64 `json:"agent"`
+	// Conntrack counts the node's conntrack entries carrying the fallback
+	// mark after the burst: the same flows as Fallback, counted by the
+	// kernel's table instead of the rule (a cross-check).
+	Conntrack uint64 `json:"conntrack"`
 }
 
 // Total is the number of flows that were not decided by the agent.
