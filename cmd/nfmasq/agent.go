@@ -34,6 +34,7 @@ type agentFlags struct {
 	logFormat    string
 	logLevel     string
 	reconcileTCP bool
+	kubeconfig   string
 	audit        auditFlags
 }
 
@@ -69,6 +70,8 @@ re-read every resyncInterval; a bad file keeps the last good policy.`,
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&f.reconcileTCP, "reconcile-tcp", false,
 		"on a policy change also delete the conntrack entries of TCP flows whose decision changed (breaks those connections); UDP and ICMP are always re-decided")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "",
+		"kubeconfig for running outside a cluster (pod CIDR discovery, pod names in flow records); in a cluster the service account is used")
 	f.audit.register(fs)
 	return cmd
 }
@@ -123,8 +126,12 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	if f.workers < 0 {
 		return startupError(fmt.Errorf("--workers %d: must be 0 or more", f.workers))
 	}
+	client, err := kubeClient(f.kubeconfig)
+	if err != nil {
+		return startupError(err)
+	}
 	if len(f.dataplane.podCIDRs) == 0 {
-		cidrs, err := discoverPodCIDRs(ctx, f)
+		cidrs, err := discoverPodCIDRs(ctx, client)
 		if err != nil {
 			return startupError(err)
 		}
@@ -164,7 +171,7 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	log.Info("iptables backend", "backend", det.Backend, "reason", det.Reason)
 	a.installer = &rules.Installer{Runner: rules.ExecRunner{}, Backend: det.Backend}
 
-	audit, err := newAudit(ctx, a, &f.audit)
+	audit, err := newAudit(ctx, a, &f.audit, startPodIndex(ctx, client, log))
 	if err != nil {
 		return startupError(err)
 	}

@@ -55,7 +55,10 @@ type audit struct {
 // podLookup maps a pod address to "namespace/name"; the default knows none.
 type podLookup func(netip.Addr) string
 
-func newAudit(ctx context.Context, a *agent, f *auditFlags) (*audit, error) {
+func newAudit(ctx context.Context, a *agent, f *auditFlags, pods podLookup) (*audit, error) {
+	if pods == nil {
+		pods = func(netip.Addr) string { return "" }
+	}
 	sink, err := flowlog.ParseSink(f.sink)
 	if err != nil {
 		return nil, fmt.Errorf("--flow-log: %w", err)
@@ -86,7 +89,7 @@ func newAudit(ctx context.Context, a *agent, f *auditFlags) (*audit, error) {
 	au := &audit{
 		a: a, log: lg,
 		marks: conntrack.MarkLayout{Mask: m.Mask, Masquerade: m.Masquerade, Passthrough: m.Passthrough, Fallback: m.Fallback},
-		pods:  func(netip.Addr) string { return "" },
+		pods:  pods,
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "nfmasq_conntrack_flows_ignored_total",
 			Help: "Destroyed pod flows with no decision mark (started before the rules, or to the node itself).",
