@@ -25,7 +25,7 @@ func TestRulesCommand(t *testing.T) {
 			want: []string{
 				"# IPv4: iptables-restore -w --noflush\n",
 				"-A NFMASQ-FORWARD -s 10.244.1.0/24 -m mark --mark 0x0/0x3000 ",
-				"-j NFQUEUE --queue-num 100 --queue-bypass\n",
+				"-j NFQUEUE --queue-num 150 --queue-bypass\n",
 				"-A NFMASQ-FALLBACK -d 100.64.0.0/10 ", // GKE's defaults
 				"-j MASQUERADE --to-ports 32768-65535 --random-fully\n",
 			},

@@ -109,9 +109,10 @@ func (m Marks) validate() error {
 	return nil
 }
 
-// Defaults for the fields of a Config.
+// Defaults for the fields of a Config. DefaultQueueNum avoids 100,
+// kube-network-policies' default queue: two agents cannot bind one queue.
 const (
-	DefaultQueueNum       = 100
+	DefaultQueueNum       = 150
 	DefaultToPorts        = "32768-65535"
 	DefaultIPSetThreshold = 64
 )
