@@ -253,7 +253,11 @@ func renderReport(r *Results, plotDir string) string {
 	fmt.Fprintf(&b, "| %s | %s | %d | %s | %s | %s |\n\n", m.Kernel, m.CPU, m.Cores, m.GoVersion, m.Backend, thousands(m.ConntrackMax))
 	b.WriteString("Sender, receiver, node forwarding and the agent share these cores; nothing is pinned.\n\n")
 
-	b.WriteString("## Commands\n\n```sh\nsudo bench/run.sh          # everything below, then this file and the plots\nsudo bench/run.sh -short   # CI smoke run, < 60 s\n```\n\n")
+	b.WriteString("## Commands\n\n```sh\n" +
+		"sudo bench/run.sh                     # measure, then write this file, the plots and the results file\n" +
+		"sudo bench/run.sh -short              # smoke run (< 60 s) into a temporary directory; numbers mean nothing\n" +
+		"sudo NFMASQ_E2E=1 go test ./bench/live  # the same smoke run as a test (CI)\n" +
+		"```\n\n")
 	b.WriteString("which ran:\n\n```sh\n" + r.Command + "\ngo run ./bench/plot -in docs/benchmarks/live.json -dir docs/benchmarks\ngo run ./bench/live -report -in docs/benchmarks/live.json -o docs/benchmarks.md\n```\n\n")
 	s := r.Settings
 	fmt.Fprintf(&b, "Settings: CIDR counts %s; %d repetitions; paced bursts of %.1f s (at least %s, at most %s flows); TCP transfer %.1f s; %s connects; reload to %s CIDRs under %s new flows/s; agent flags %s.\n\n",
@@ -323,9 +327,16 @@ the chain's worst case.
   pace, and nothing went undecided: the NFMASQ-FALLBACK chain's CONNMARK
   counter (fail-open, bypass, unmarked accepts), the kernel's
   ` + "`queue_dropped`/`user_dropped`" + ` counters, and the agent's
-  ` + "`nfmasq_queue_skipped_total`" + ` all stayed put. The rate is searched
-  (doubling, then geometric bisection) for the highest passing rate. The
-  node's conntrack table is flushed before every burst.
+  ` + "`nfmasq_queue_skipped_total`" + ` all stayed put (conntrack entries with
+  the fallback mark are counted too, as a cross-check). The rate is
+  searched (doubling, then geometric bisection) for the highest passing
+  rate; the node's conntrack table is flushed before every burst. A
+  kernel-only dataplane does all its work inside the sender's ` + "`sendto`" + `
+  (veth hands the frame to the softirq on the same CPU), so its rate is
+  one core's; the agent's verdicts re-inject packets in the agent's own
+  system calls, on whichever core the agent runs. When a kernel-only
+  burst fails only because "the sender reached N of M flows/s", N is that
+  core's capacity.
 - **Established TCP**: one bulk transfer pod → remote; rate measured by the
   receiver.
 - **Connect time**: blocking ` + "`connect(2)`" + ` from the pod, one after another,
