@@ -47,6 +47,7 @@ type options struct {
 	tolerance    float64
 	maxTrials    int
 	tcpSeconds   float64
+	tcpTransfers int
 	connects     int
 	reloadCIDRs  int
 	reloadRate   float64
@@ -71,6 +72,7 @@ var shortPreset = map[string]string{
 	"max-trials":    "3",
 	"tolerance":     "0.5",
 	"tcp-seconds":   "0.3",
+	"tcp-transfers": "1",
 	"connects":      "200",
 	"reload-cidrs":  "10000",
 	"reload-rate":   "1000",
@@ -113,7 +115,8 @@ the markdown report from one.
 	fs.Float64Var(&o.maxRate, "max-rate", 400000, "highest rate the search offers (flows/s)")
 	fs.Float64Var(&o.tolerance, "tolerance", 0.1, "the rate search stops when failing and passing rates are within this factor")
 	fs.IntVar(&o.maxTrials, "max-trials", 10, "most bursts per rate search")
-	fs.Float64Var(&o.tcpSeconds, "tcp-seconds", 3, "length of the bulk TCP transfer")
+	fs.Float64Var(&o.tcpSeconds, "tcp-seconds", 1, "length of one bulk TCP transfer")
+	fs.IntVar(&o.tcpTransfers, "tcp-transfers", 3, "bulk TCP transfers per measurement (the best counts)")
 	fs.IntVar(&o.connects, "connects", 2000, "TCP connects per latency measurement")
 	fs.IntVar(&o.reloadCIDRs, "reload-cidrs", 100000, "CIDRs in the config the agent reloads (0: skip the reload measurement)")
 	fs.Float64Var(&o.reloadRate, "reload-rate", 2000, "new flows/s sent while the agent reloads")
@@ -156,8 +159,8 @@ the markdown report from one.
 	if o.dst, err = netip.ParseAddr(*dst); err != nil || !o.dst.Is4() {
 		return o, fmt.Errorf("-dst %q: want an IPv4 address", *dst)
 	}
-	if o.reps < 1 || o.trialSeconds <= 0 || o.minFlows < 1 || o.maxFlows < o.minFlows || o.maxTrials < 1 || o.connects < 1 {
-		return o, errors.New("-reps, -trial-seconds, -min-flows, -max-trials and -connects must be positive, -max-flows at least -min-flows")
+	if o.reps < 1 || o.trialSeconds <= 0 || o.minFlows < 1 || o.maxFlows < o.minFlows || o.maxTrials < 1 || o.connects < 1 || o.tcpTransfers < 1 {
+		return o, errors.New("-reps, -trial-seconds, -min-flows, -max-trials, -connects and -tcp-transfers must be positive, -max-flows at least -min-flows")
 	}
 	return o, nil
 }

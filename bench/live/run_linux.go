@@ -33,7 +33,7 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		Started: time.Now().UTC(),
 		Settings: Settings{
 			CIDRCounts: o.cidrCounts, Reps: o.reps, MinFlows: o.minFlows, Short: o.short, TrialSeconds: o.trialSeconds,
-			Connects: o.connects, TCPSeconds: o.tcpSeconds, ReloadCIDRs: o.reloadCIDRs, ReloadRate: o.reloadRate,
+			Connects: o.connects, TCPSeconds: o.tcpSeconds, TCPTransfers: o.tcpTransfers, ReloadCIDRs: o.reloadCIDRs, ReloadRate: o.reloadRate,
 			AgentArgs: o.agentArgs, Seed: o.seed, PrefixBits: [2]int{minGenBits, maxGenBits}, Destination: o.dst.String(),
 		},
 		Machine: machine(),
