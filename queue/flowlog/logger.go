@@ -19,6 +19,7 @@ const (
 	DefaultMaxFileMB     = 100
 	DefaultMaxFiles      = 5
 	DefaultCheckInterval = time.Second
+	DefaultLinger        = 10 * time.Millisecond
 	DefaultCloseTimeout  = 5 * time.Second
 )
 
@@ -48,6 +49,10 @@ type Options struct {
 	MaxFileMB int
 	// MaxFiles is how many rotated files a file sink keeps (DefaultMaxFiles).
 	MaxFiles int
+	// Linger is how long a busy writer lets records gather before it
+	// writes them (DefaultLinger): records reach the sink at most this
+	// late, and the dataplane never wakes the writer while it is busy.
+	Linger time.Duration
 	// CheckInterval is how often an idle writer looks for losses to report
 	// and whether the log file was deleted (DefaultCheckInterval).
 	CheckInterval time.Duration
@@ -120,6 +125,7 @@ type w struct {
 	closer       io.Closer
 	file         string // path of a file sink, checked for deletion
 	checkEvery   time.Duration
+	linger       time.Duration
 	closeTimeout time.Duration
 
 	buf  []byte
@@ -149,10 +155,11 @@ func New(opts Options) (*Logger, error) {
 		l.off = true
 		return l, nil
 	}
-	if opts.Buffer < 0 || opts.Ceiling < 0 || opts.MaxFileMB < 0 || opts.MaxFiles < 0 || opts.CheckInterval < 0 || opts.CloseTimeout < 0 {
+	if opts.Buffer < 0 || opts.Ceiling < 0 || opts.MaxFileMB < 0 || opts.MaxFiles < 0 || opts.CheckInterval < 0 || opts.Linger < 0 || opts.CloseTimeout < 0 {
 		return nil, errors.New("flow log options must not be negative")
 	}
 	l.w.checkEvery = orDefault(opts.CheckInterval, DefaultCheckInterval)
+	l.w.linger = orDefault(opts.Linger, DefaultLinger)
 	l.w.closeTimeout = orDefault(opts.CloseTimeout, DefaultCloseTimeout)
 	opts.MaxFileMB = orDefault(opts.MaxFileMB, DefaultMaxFileMB)
 	opts.MaxFiles = orDefault(opts.MaxFiles, DefaultMaxFiles)
@@ -299,25 +306,54 @@ func (l *Logger) run() {
 	defer close(l.done)
 	tick := time.NewTicker(l.w.checkEvery)
 	defer tick.Stop()
+	// While records keep coming, the writer drains the buffer on a timer
+	// instead of waking for each record: a producer's send then never
+	// wakes a goroutine, which on a busy node would compete with the
+	// dataplane for the CPU at every decision. When a timer tick finds
+	// the buffer empty, the writer goes back to blocking on it, so an idle
+	// agent has no periodic wake-ups.
+	linger := time.NewTimer(0)
+	<-linger.C
+	var drain <-chan time.Time // nil: idle, block on the buffer
 	for {
+		var in <-chan Record
+		if drain == nil {
+			in = l.ch
+		}
 		select {
-		case r := <-l.ch:
+		case r := <-in:
 			l.writeBatch(r)
+			linger.Reset(l.w.linger)
+			drain = linger.C
+		case <-drain:
+			if l.drainAll() {
+				linger.Reset(l.w.linger)
+			} else {
+				drain = nil
+			}
 		case <-tick.C:
 			l.checkFile()
 			l.writeGap()
 		case <-l.stop:
-			for {
-				select {
-				case r := <-l.ch:
-					l.writeBatch(r)
-					continue
-				default:
-				}
-				l.checkFile()
-				l.writeGap()
-				return
-			}
+			l.drainAll()
+			l.checkFile()
+			l.writeGap()
+			return
+		}
+	}
+}
+
+// drainAll writes everything buffered and reports whether there was
+// anything.
+func (l *Logger) drainAll() bool {
+	wrote := false
+	for {
+		select {
+		case r := <-l.ch:
+			l.writeBatch(r)
+			wrote = true
+		default:
+			return wrote
 		}
 	}
 }
