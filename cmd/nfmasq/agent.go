@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/flowlog"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
@@ -112,7 +114,11 @@ type agent struct {
 
 	lastErr  string // last distinct config error logged
 	lastWarn string // last distinct set of warnings logged
-	driftLog bool   // rules drift already reported since the last clean check
+	driftLog bool   // rules drift already reported and not yet restored
+
+	ctDrops     uint64 // conntrack's drop counter at the last resync
+	ctDropsRead bool   // ctDrops holds a reading
+	ctFull      bool   // a full conntrack table reported and not yet cleared
 }
 
 // errStartup marks errors that come from flags: the agent refuses to start.
@@ -153,6 +159,19 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	baseCfg, err := f.dataplane.rulesConfig(probe)
 	if err != nil {
 		return startupError(err)
+	}
+	// The remaining flags are checked, and the metrics address bound,
+	// before anything runs iptables or writes a sysctl: a typo must not
+	// leave a node half-configured by an agent that then refuses to start.
+	if err := f.checkBeforeKernel(); err != nil {
+		return startupError(err)
+	}
+	var metricsLn net.Listener
+	if f.metricsAddr != "" {
+		if metricsLn, err = net.Listen("tcp", f.metricsAddr); err != nil {
+			return startupError(fmt.Errorf("--metrics-addr: %w", err))
+		}
+		defer metricsLn.Close() // after a start-up failure; the server closes it otherwise
 	}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
@@ -196,16 +215,19 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	if f.metricsAddr != "" {
-		srv, err := a.serveHTTP(f.metricsAddr)
-		if err != nil {
-			return startupError(err)
-		}
+	if metricsLn != nil {
+		srv := a.serveHTTP(metricsLn)
 		defer srv.Shutdown(context.Background())
 	}
 
 	// The queue is bound before the rules send packets to it, so the
-	// first flows find someone listening rather than the bypass.
+	// first flows find someone listening rather than the bypass. A run
+	// that did not stop cleanly (kill -9, OOM) left its queue rule, and
+	// packets arriving while go-nfqueue configures the new binding
+	// interleave with its acknowledgements and fail the bind ("mismatched
+	// sequence in netlink reply"); so the rule set is first put in its
+	// stopped form, where the fallback decides every new flow.
+	a.pauseQueue(ctx)
 	queueCtx, stopQueue := context.WithCancel(context.Background())
 	defer stopQueue()
 	queueErr := make(chan error, 1)
@@ -226,6 +248,7 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	watch := newConfigWatch(f.policy.configPath, log)
 	defer watch.Close()
 	a.reload(ctx, "start")
+	a.checkConntrackTable() // the baseline of the drop counter
 
 	for {
 		interval := a.resyncInterval()
@@ -246,6 +269,7 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 			a.reload(ctx, "config file changed")
 		case <-timer.C:
 			a.reload(ctx, "resync")
+			a.checkConntrackTable()
 		}
 	}
 }
@@ -341,7 +365,58 @@ func (a *agent) checkRules(ctx context.Context) {
 		a.log.Error("restoring rules failed; will retry at the next resync", "err", err)
 		return
 	}
+	// Restored: the next difference is a new incident, even if it comes
+	// before a clean check would have reset the flag.
+	a.driftLog = false
 	a.metrics.rulesRestored.Inc()
+}
+
+// pauseQueue installs the rule set of the config on disk without the
+// queue rule, as shutdown leaves it. Without a valid config the rules stay
+// as they are: reload reports the error.
+func (a *agent) pauseQueue(ctx context.Context) {
+	pol, _, err := a.flags.policy.load()
+	if err != nil {
+		return
+	}
+	cfg, err := a.flags.dataplane.rulesConfig(pol)
+	if err != nil {
+		return
+	}
+	cfg.QueuePaused = true
+	if err := a.installer.Install(ctx, cfg); err != nil {
+		a.metrics.installErrors.Inc()
+		a.log.Warn("could not take the queue rule out before binding the queue", "err", err)
+	}
+}
+
+// checkConntrackTable logs, once per incident, that the kernel drops new
+// flows because the conntrack table is full. The metrics say so too, but
+// scraping them over the node's network needs a conntrack entry of its
+// own, so while the table is full only the log gets out.
+func (a *agent) checkConntrackTable() {
+	f, err := os.Open(procConntrackStat)
+	if err != nil {
+		return
+	}
+	sums, err := readConntrackStat(f)
+	f.Close()
+	if err != nil {
+		return
+	}
+	drops, prev, known := sums["drop"], a.ctDrops, a.ctDropsRead
+	a.ctDrops, a.ctDropsRead = drops, true
+	switch {
+	case known && drops > prev && !a.ctFull:
+		a.ctFull = true
+		count, _ := os.ReadFile(procConntrackCount)
+		limit, _ := os.ReadFile(procConntrackMax)
+		a.log.Warn("conntrack table full: the kernel is dropping new flows before they reach nfmasq or the fallback",
+			"dropped", drops-prev, "entries", strings.TrimSpace(string(count)), "nf_conntrack_max", strings.TrimSpace(string(limit)))
+	case known && drops == prev && a.ctFull:
+		a.ctFull = false
+		a.log.Info("conntrack table no longer dropping new flows")
+	}
 }
 
 func (a *agent) setNotReady(reason string) {
@@ -373,13 +448,9 @@ func (a *agent) shutdown(stopQueue context.CancelFunc, queueErr <-chan error) er
 	return nil
 }
 
-// serveHTTP starts the metrics and health server. It returns once the
-// listener is bound, so a bad address fails the start.
-func (a *agent) serveHTTP(addr string) (*http.Server, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("--metrics-addr: %w", err)
-	}
+// serveHTTP serves metrics and health on ln, bound by runAgent early so
+// that a bad address fails the start before the kernel is touched.
+func (a *agent) serveHTTP(ln net.Listener) *http.Server {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", a.metrics.handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -402,5 +473,33 @@ func (a *agent) serveHTTP(addr string) (*http.Server, error) {
 			a.log.Error("metrics server stopped", "err", err)
 		}
 	}()
-	return srv, nil
+	return srv
+}
+
+// checkBeforeKernel checks the flags runAgent has not checked yet and that
+// would otherwise fail only after backend detection, sysctl writes or the
+// conntrack listener: the backend name, the flow-log flags and the
+// cluster ranges (flags, unlike the config file, cannot change while the
+// agent retries).
+func (f *agentFlags) checkBeforeKernel() error {
+	if _, err := rules.ParseBackend(f.dataplane.backend); err != nil {
+		return fmt.Errorf("--iptables-backend: %w", err)
+	}
+	if _, err := flowlog.ParseSink(f.audit.sink); err != nil {
+		return fmt.Errorf("--flow-log: %w", err)
+	}
+	for _, n := range []struct {
+		flag string
+		v    int
+	}{{"--flow-log-rate", f.audit.ceiling}, {"--flow-log-max-size", f.audit.maxMB}, {"--flow-log-max-files", f.audit.maxFiles}, {"--flow-log-buffer", f.audit.buffer}} {
+		if n.v < 0 {
+			return fmt.Errorf("%s %d: must not be negative", n.flag, n.v)
+		}
+	}
+	for _, s := range f.policy.clusterCIDRs {
+		if _, err := nat.ParseCIDR(s); err != nil {
+			return fmt.Errorf("--cluster-cidr: %w", err)
+		}
+	}
+	return nil
 }

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bufio"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -53,7 +57,7 @@ func newAgentMetrics(a *agent, q *queue.Queue, au *audit) *agentMetrics {
 	}
 	reg.MustRegister(m.reloadFailures, m.installErrors, m.rulesRestored, m.latency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		&queueCollector{q: q}, &policyCollector{a: a})
+		&queueCollector{q: q}, &policyCollector{a: a}, conntrackTableCollector{})
 	if au != nil {
 		reg.MustRegister(au.collector())
 	}
@@ -155,4 +159,87 @@ func (c *policyCollector) Collect(ch chan<- prometheus.Metric) {
 		ready = 1
 	}
 	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
+}
+
+// The conntrack table of the agent's network namespace, read at scrape
+// time. A full table drops new flows before they reach the queue or the
+// fallback chain, so no other counter of the agent would show it.
+const (
+	procConntrackCount = "/proc/sys/net/netfilter/nf_conntrack_count"
+	procConntrackMax   = "/proc/sys/net/netfilter/nf_conntrack_max"
+	procConntrackStat  = "/proc/net/stat/nf_conntrack"
+)
+
+var (
+	descCTEntries = prometheus.NewDesc("nfmasq_conntrack_entries", "Entries in the conntrack table of the agent's network namespace.", nil, nil)
+	descCTMax     = prometheus.NewDesc("nfmasq_conntrack_max", "nf_conntrack_max: the table size beyond which new flows are dropped.", nil, nil)
+	descCTDrops   = prometheus.NewDesc("nfmasq_conntrack_drops_total",
+		"Conntrack failures from "+procConntrackStat+", summed over CPUs, by counter: drop (a new flow dropped, table full), early_drop (an unassured entry evicted to make room), insert_failed.",
+		[]string{"counter"}, nil)
+)
+
+// conntrackDropCounters are the columns of procConntrackStat exported.
+var conntrackDropCounters = []string{"drop", "early_drop", "insert_failed"}
+
+type conntrackTableCollector struct{}
+
+func (conntrackTableCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descCTEntries
+	ch <- descCTMax
+	ch <- descCTDrops
+}
+
+func (conntrackTableCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, g := range []struct {
+		d    *prometheus.Desc
+		path string
+	}{{descCTEntries, procConntrackCount}, {descCTMax, procConntrackMax}} {
+		b, err := os.ReadFile(g.path)
+		if err != nil {
+			continue // no conntrack in this kernel or namespace
+		}
+		if v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {
+			ch <- prometheus.MustNewConstMetric(g.d, prometheus.GaugeValue, float64(v))
+		}
+	}
+	f, err := os.Open(procConntrackStat)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	sums, err := readConntrackStat(f)
+	if err != nil {
+		return
+	}
+	for _, name := range conntrackDropCounters {
+		if v, ok := sums[name]; ok {
+			ch <- prometheus.MustNewConstMetric(descCTDrops, prometheus.CounterValue, float64(v), name)
+		}
+	}
+}
+
+// readConntrackStat sums the per-CPU rows of /proc/net/stat/nf_conntrack
+// (a header of column names, then one row of hexadecimal counters per
+// CPU) by column name.
+func readConntrackStat(r io.Reader) (map[string]uint64, error) {
+	sc := bufio.NewScanner(r)
+	if !sc.Scan() {
+		return nil, fmt.Errorf("conntrack stat: no header: %w", sc.Err())
+	}
+	names := strings.Fields(sc.Text())
+	sums := make(map[string]uint64, len(names))
+	for sc.Scan() {
+		row := strings.Fields(sc.Text())
+		if len(row) != len(names) {
+			return nil, fmt.Errorf("conntrack stat: row of %d fields under a header of %d", len(row), len(names))
+		}
+		for i, field := range row {
+			v, err := strconv.ParseUint(field, 16, 64)
+			if err != nil {
+				return nil, fmt.Errorf("conntrack stat %s: %w", names[i], err)
+			}
+			sums[names[i]] += v
+		}
+	}
+	return sums, sc.Err()
 }
