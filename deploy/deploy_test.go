@@ -19,6 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
@@ -319,10 +320,38 @@ func TestAgentDaemonSet(t *testing.T) {
 		}
 	})
 
-	if len(pod.Containers) != 1 || len(pod.InitContainers) != 0 {
-		t.Fatalf("want exactly one container, got %d (+%d init)", len(pod.Containers), len(pod.InitContainers))
+	if len(pod.Containers) != 1 || len(pod.InitContainers) != 1 {
+		t.Fatalf("want exactly one container and one init container, got %d and %d", len(pod.Containers), len(pod.InitContainers))
 	}
 	c := pod.Containers[0]
+
+	t.Run("node-prep init container", func(t *testing.T) {
+		ic := pod.InitContainers[0]
+		if ic.Name != "node-prep" || ic.Image != c.Image {
+			t.Errorf("init container %q image %q, want node-prep with the agent's image %q", ic.Name, ic.Image, c.Image)
+		}
+		// It is privileged, so it may run nothing but `nfmasq node-prep`:
+		// the image's entrypoint, one argument.
+		if len(ic.Command) != 0 || !slices.Equal(ic.Args, []string{"node-prep"}) {
+			t.Errorf("command %q args %q, want the entrypoint with args [node-prep] only", ic.Command, ic.Args)
+		}
+		sc := ic.SecurityContext
+		if sc == nil || sc.Privileged == nil || !*sc.Privileged {
+			t.Error("node-prep must be privileged: runtimes mount /proc/sys read-only otherwise")
+		}
+		if sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+			t.Error("readOnlyRootFilesystem must be true: node-prep writes only /proc/sys")
+		}
+		// A restartPolicy would make it a sidecar that runs beside the
+		// agent for the pod's life; it must finish before the agent starts.
+		if ic.RestartPolicy != nil {
+			t.Errorf("restartPolicy %v: node-prep is a plain init container", *ic.RestartPolicy)
+		}
+		if len(ic.VolumeMounts)+len(ic.VolumeDevices)+len(ic.Env)+len(ic.EnvFrom)+len(ic.Ports) != 0 {
+			t.Errorf("node-prep needs no volumes, env or ports: %+v", ic)
+		}
+		checkResources(t, ic.Resources)
+	})
 	if len(c.Command) != 0 || len(c.Args) == 0 || c.Args[0] != "agent" {
 		t.Fatalf("command %q args %q: want the image's entrypoint with args [agent ...]", c.Command, c.Args)
 	}
@@ -476,6 +505,11 @@ func TestEgressControllerDeployment(t *testing.T) {
 	f := flags(t, c.Args[1:])
 	if v, ok := f["leader-elect"]; !ok || (v[0] != "" && v[0] != "true") {
 		t.Errorf("--leader-elect %v: a rolling update runs two pods for a moment", v)
+	}
+	// The kustomization holds no EgressNATPolicy (see
+	// TestKustomizationAppliesInOneRun); the controller makes `default`.
+	if got := oneFlag(t, f, "generate-default-policy"); got != "true" {
+		t.Errorf("--generate-default-policy=%q, want true: nothing else creates the default policy", got)
 	}
 	if got, want := oneFlag(t, f, "configmap"), namespace+"/"+ds.Spec.Template.Spec.Volumes[0].ConfigMap.Name; got != want {
 		t.Errorf("--configmap %q, but the agent mounts %q", got, want)
@@ -683,8 +717,71 @@ func TestRBACIsMinimal(t *testing.T) {
 	}
 }
 
+// TestKustomizationAppliesInOneRun: kubectl maps every object's kind from
+// the API discovery it reads before applying anything, so the first
+// `kubectl apply -k deploy/` fails on any object whose kind a CRD of the
+// same run defines. Every kind must be one the API server has built in.
+func TestKustomizationAppliesInOneRun(t *testing.T) {
+	ms, err := Manifests()
+	if err != nil {
+		t.Fatal(err)
+	}
+	builtIn := newScheme(t)
+	defined := map[string]bool{}
+	for _, o := range objects(t) {
+		if crd, ok := o.(*apiextensionsv1.CustomResourceDefinition); ok {
+			defined[crd.Spec.Group+"/"+crd.Spec.Names.Kind] = true
+		}
+	}
+	for _, m := range ms {
+		gv, err := schema.ParseGroupVersion(m.APIVersion)
+		if err != nil {
+			t.Fatalf("%s: %v", m.File, err)
+		}
+		if defined[gv.Group+"/"+m.Kind] || !builtIn.Recognizes(gv.WithKind(m.Kind)) {
+			t.Errorf("%s: %s %s is not a built-in kind: the first kubectl apply -k cannot map it", m.File, m.Kind, m.Name)
+		}
+	}
+}
+
+// TestOnlyNodePrepIsPrivileged: of every container in the manifests, only
+// the agent's node-prep init container runs privileged.
+func TestOnlyNodePrepIsPrivileged(t *testing.T) {
+	var privileged []string
+	for key, o := range objects(t) {
+		var pod corev1.PodSpec
+		switch w := o.(type) {
+		case *appsv1.DaemonSet:
+			pod = w.Spec.Template.Spec
+		case *appsv1.Deployment:
+			pod = w.Spec.Template.Spec
+		default:
+			continue
+		}
+		for _, c := range append(slices.Clone(pod.InitContainers), pod.Containers...) {
+			if sc := c.SecurityContext; sc != nil && sc.Privileged != nil && *sc.Privileged {
+				privileged = append(privileged, key+" "+c.Name)
+			}
+		}
+	}
+	if want := []string{"DaemonSet kube-system/nfmasq node-prep"}; !slices.Equal(privileged, want) {
+		t.Errorf("privileged containers %v, want %v", privileged, want)
+	}
+}
+
+// TestDefaultPolicyHasGKEDefaults checks the example of the policy the
+// egress controller generates (cmd/internal/kube tests that it generates
+// exactly this file).
 func TestDefaultPolicyHasGKEDefaults(t *testing.T) {
-	objs := objects(t)
+	examples, err := Examples()
+	if err != nil {
+		t.Fatal(err)
+	}
+	decoder := serializer.NewCodecFactory(newScheme(t), serializer.EnableStrict).UniversalDeserializer()
+	objs := map[string]any{}
+	for _, m := range examples {
+		objs[objectKey(m.Kind, m.Namespace, m.Name)] = decodeStrict(t, decoder, m)
+	}
 	p := get[*egressNATPolicy](t, objs, "EgressNATPolicy", "", "default")
 	if p.Spec.Action != "NoSNAT" {
 		t.Errorf("action %q, want NoSNAT", p.Spec.Action)
@@ -703,11 +800,7 @@ func TestDefaultPolicyHasGKEDefaults(t *testing.T) {
 	}
 
 	// And the parser the agent and controller use accepts the file.
-	ms, err := Manifests()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, m := range ms {
+	for _, m := range examples {
 		if m.Kind != "EgressNATPolicy" {
 			continue
 		}

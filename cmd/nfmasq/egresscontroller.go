@@ -23,19 +23,24 @@ import (
 
 // egressControllerFlags are the flags of `nfmasq egress-controller`.
 type egressControllerFlags struct {
-	clusterCIDRs []string
-	configMap    string
-	configMapKey string
-	leaderElect  bool
-	leaseName    string
-	kubeconfig   string
-	resync       time.Duration
-	logFormat    string
-	logLevel     string
+	clusterCIDRs    []string
+	generateDefault bool
+	configMap       string
+	configMapKey    string
+	leaderElect     bool
+	leaseName       string
+	kubeconfig      string
+	resync          time.Duration
+	logFormat       string
+	logLevel        string
 }
 
 func newEgressControllerCmd() *cobra.Command {
-	var f egressControllerFlags
+	return egressControllerCmd(new(egressControllerFlags))
+}
+
+// egressControllerCmd is the command, parsing its flags into f.
+func egressControllerCmd(f *egressControllerFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "egress-controller --cluster-cidr CIDR... [flags]",
 		Short: "Write the agent's ConfigMap from the cluster's EgressNATPolicy objects",
@@ -47,15 +52,25 @@ resyncInterval, ...) are left as they are. The --cluster-cidr ranges form
 the managed policy gke-<hash>-1, which the controller creates and restores
 if it is edited or deleted. A policy with an invalid CIDR or action gets a
 Valid=False condition and a Warning event and is skipped; the others still
-apply. The ConfigMap is written only when its content changes.`,
+apply. The ConfigMap is written only when its content changes.
+
+With --generate-default-policy (on by default) the controller also keeps a
+policy named "default" with GKE's default ranges, as GKE generates one: it
+creates it whenever it is missing, at start or after a deletion, and never
+changes an existing one. The operator owns its spec: edit its destinations
+to change the defaults, empty them to drop the defaults. Deleting it
+restores GKE's ranges at once, rather than at the controller's next
+restart, so that NAT never changes because a pod was rescheduled.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runEgressController(cmd.Context(), &f, cmd.ErrOrStderr())
+			return runEgressController(cmd.Context(), f, cmd.ErrOrStderr())
 		},
 	}
 	fs := cmd.Flags()
 	fs.StringSliceVar(&f.clusterCIDRs, "cluster-cidr", nil,
 		"the cluster's pod, service and node ranges (repeatable or comma-separated); they form the managed policy")
+	fs.BoolVar(&f.generateDefault, "generate-default-policy", true,
+		`create the "default" policy with GKE's default ranges whenever it is missing; an existing one is never changed`)
 	fs.StringVar(&f.configMap, "configmap", "kube-system/ip-masq-agent", "the agent's ConfigMap, as NAMESPACE/NAME")
 	fs.StringVar(&f.configMapKey, "configmap-key", kube.AgentConfigKey,
 		"the ConfigMap data key that the agent's DaemonSet mounts as /etc/config/ip-masq-agent")
@@ -98,6 +113,7 @@ func (f *egressControllerFlags) options() (kube.EgressOptions, error) {
 	if f.resync <= 0 {
 		return opts, fmt.Errorf("--resync %s: must be positive", f.resync)
 	}
+	opts.GenerateDefaultPolicy = f.generateDefault
 	opts.ConfigMap = types.NamespacedName{Namespace: ns, Name: name}
 	opts.ConfigMapKey = f.configMapKey
 	opts.Resync = f.resync

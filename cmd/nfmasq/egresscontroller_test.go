@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -34,6 +35,44 @@ func TestEgressControllerStartupErrors(t *testing.T) {
 			_, stderr, code := nfmasq(t, append([]string{"egress-controller"}, tt.args...)...)
 			if code != exitConfig || !strings.Contains(stderr, tt.wantErr) {
 				t.Errorf("exit %d, stderr %q; want exit %d and %q", code, stderr, exitConfig, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestEgressControllerOptions checks how flags become the controller's
+// options where the mapping is more than a copy.
+func TestEgressControllerOptions(t *testing.T) {
+	tests := []struct {
+		name         string
+		args         []string
+		wantGenerate bool
+		wantCIDRs    string
+	}{
+		{"defaults", nil, true, "[10.244.0.0/16]"},
+		{"no default policy", []string{"--generate-default-policy=false"}, false, "[10.244.0.0/16]"},
+		{"explicitly on", []string{"--generate-default-policy"}, true, "[10.244.0.0/16]"},
+		{"ranges repeated and listed", []string{"--cluster-cidr", "10.96.0.0/12, fd00::/108"}, true, "[10.244.0.0/16 10.96.0.0/12 fd00::/108]"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var f egressControllerFlags
+			cmd := egressControllerCmd(&f)
+			if err := cmd.ParseFlags(append([]string{"--cluster-cidr=10.244.0.0/16"}, tt.args...)); err != nil {
+				t.Fatal(err)
+			}
+			opts, err := f.options()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if opts.GenerateDefaultPolicy != tt.wantGenerate {
+				t.Errorf("GenerateDefaultPolicy %v, want %v", opts.GenerateDefaultPolicy, tt.wantGenerate)
+			}
+			if got := fmt.Sprint(opts.ClusterCIDRs); got != tt.wantCIDRs {
+				t.Errorf("ClusterCIDRs %s, want %s", got, tt.wantCIDRs)
+			}
+			if opts.ConfigMap.String() != "kube-system/ip-masq-agent" {
+				t.Errorf("ConfigMap %s", opts.ConfigMap)
 			}
 		})
 	}

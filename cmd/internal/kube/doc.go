@@ -1,7 +1,9 @@
 // Package kube is nfmasq's Kubernetes side: the EgressNATPolicy controller
-// that writes the agent's ConfigMap, the node-local pod index that names
-// the pods behind addresses in flow records, pod-CIDR discovery from the
-// agent's Node, and the client configuration they share.
+// that writes the agent's ConfigMap (and keeps the managed gke-<hash>-1
+// policy and, as GKE does, a generated `default` policy that the operator
+// owns), the node-local pod index that names the pods behind addresses in
+// flow records, pod-CIDR discovery from the agent's Node, and the client
+// configuration they share.
 //
 // Concurrency and ownership:
 //   - PodIndex.Lookup is safe for concurrent use and never blocks or calls

@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -39,6 +41,13 @@ func startFake(t *testing.T, cluster []netip.Prefix, objs ...runtime.Object) *fa
 // clientset before the controller starts.
 func startFakeWith(t *testing.T, cluster []netip.Prefix, hook func(*fake.Clientset), objs ...runtime.Object) *fakeCluster {
 	t.Helper()
+	return startFakeOptions(t, EgressOptions{ClusterCIDRs: cluster}, hook, objs...)
+}
+
+// startFakeOptions is startFakeWith with the controller's options; the
+// ConfigMap and the recorder are always the test's.
+func startFakeOptions(t *testing.T, opts EgressOptions, hook func(*fake.Clientset), objs ...runtime.Object) *fakeCluster {
+	t.Helper()
 	var policies, core []runtime.Object
 	for _, o := range objs {
 		if _, ok := o.(*unstructured.Unstructured); ok {
@@ -53,14 +62,13 @@ func startFakeWith(t *testing.T, cluster []netip.Prefix, hook func(*fake.Clients
 			map[schema.GroupVersionResource]string{EgressPolicyResource: "EgressNATPolicyList"}, policies...),
 		recorder: record.NewFakeRecorder(100),
 	}
+	f.dyn.PrependReactor("update", EgressPolicyResource.Resource, statusSubresource(f.dyn.Tracker()))
 	if hook != nil {
 		hook(f.client)
 	}
-	c, err := NewEgressController(f.client, f.dyn, EgressOptions{
-		ClusterCIDRs: cluster,
-		ConfigMap:    testConfigMap,
-		Recorder:     f.recorder,
-	})
+	opts.ConfigMap = testConfigMap
+	opts.Recorder = f.recorder
+	c, err := NewEgressController(f.client, f.dyn, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,6 +83,78 @@ func startFakeWith(t *testing.T, cluster []netip.Prefix, hook func(*fake.Clients
 		}
 	})
 	return f
+}
+
+// statusSubresource makes the fake dynamic client keep spec and status
+// apart as the API server does for a CRD with a status subresource: an
+// update of the status changes only the status, and an update of the
+// object keeps the stored status. Without it the fake replaces the whole
+// object, so a condition written from a stale cache would undo a test's
+// edit of the spec.
+func statusSubresource(tracker k8stesting.ObjectTracker) k8stesting.ReactionFunc {
+	return func(action k8stesting.Action) (bool, runtime.Object, error) {
+		update, ok := action.(k8stesting.UpdateAction)
+		if !ok {
+			return false, nil, nil
+		}
+		submitted, ok := update.GetObject().(*unstructured.Unstructured)
+		if !ok {
+			return false, nil, nil
+		}
+		gvr := action.GetResource()
+		current, err := tracker.Get(gvr, "", submitted.GetName())
+		if err != nil {
+			return true, nil, err
+		}
+		stored := current.(*unstructured.Unstructured).DeepCopy()
+		kept := submitted.DeepCopy()
+		if action.GetSubresource() == "status" {
+			stored.Object["status"] = kept.Object["status"]
+			kept = stored
+		} else if status, ok := stored.Object["status"]; ok {
+			kept.Object["status"] = status
+		} else {
+			delete(kept.Object, "status")
+		}
+		if err := tracker.Update(gvr, kept, ""); err != nil {
+			return true, nil, err
+		}
+		return true, kept, nil
+	}
+}
+
+// synced reports whether the controller's caches hold exactly what the
+// fake clients store, so that a reconciliation now would work from the
+// current state.
+func (f *fakeCluster) synced(ctx context.Context) (bool, error) {
+	list, err := f.dyn.Resource(EgressPolicyResource).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return false, err
+	}
+	cached := map[string]any{}
+	for _, item := range f.c.policyInformer.GetStore().List() {
+		cached[item.(*unstructured.Unstructured).GetName()] = item.(*unstructured.Unstructured).Object
+	}
+	if len(cached) != len(list.Items) {
+		return false, nil
+	}
+	for _, item := range list.Items {
+		if !reflect.DeepEqual(cached[item.GetName()], item.Object) {
+			return false, nil
+		}
+	}
+	stored, err := f.client.CoreV1().ConfigMaps(testConfigMap.Namespace).Get(ctx, testConfigMap.Name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		stored, err = nil, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	cm, err := f.c.configMaps.ConfigMaps(testConfigMap.Namespace).Get(testConfigMap.Name)
+	if apierrors.IsNotFound(err) {
+		cm, err = nil, nil
+	}
+	return err == nil && reflect.DeepEqual(cm, stored), err
 }
 
 // agentConfig returns the ConfigMap's agent config, "" when absent.
@@ -132,8 +212,11 @@ func (f *fakeCluster) settle(t *testing.T, n int64, kick func()) {
 	t.Helper()
 	target := f.c.reconciled.Load() + n
 	kick()
-	waitFor(t, 10*time.Second, "reconciliations", func(context.Context) (bool, error) {
-		return f.c.reconciled.Load() >= target && f.c.queue.Len() == 0, nil
+	waitFor(t, 10*time.Second, "reconciliations", func(ctx context.Context) (bool, error) {
+		if f.c.reconciled.Load() < target || f.c.queue.Len() != 0 {
+			return false, nil
+		}
+		return f.synced(ctx)
 	})
 }
 

@@ -38,10 +38,22 @@ const (
 	// ReasonRestored is the Normal event on the managed policy after the
 	// controller created it again or undid an edit.
 	ReasonRestored = "Restored"
+	// ReasonGenerated is the Normal event on the default policy after the
+	// controller created it.
+	ReasonGenerated = "Generated"
 
-	// ManagedByLabel marks the objects the controller creates.
+	// DefaultPolicyName is the policy holding GKE's default ranges, which
+	// the controller generates (EgressOptions.GenerateDefaultPolicy).
+	DefaultPolicyName = "default"
+
+	// ManagedByLabel marks the objects whose content the controller owns:
+	// the managed policy and the ConfigMap.
 	ManagedByLabel = "app.kubernetes.io/managed-by"
-	// ManagedByValue is ManagedByLabel's value.
+	// CreatedByLabel marks the default policy, which the controller
+	// creates but the operator owns.
+	CreatedByLabel = "app.kubernetes.io/created-by"
+	// ManagedByValue is the value of ManagedByLabel and CreatedByLabel,
+	// and the controller's field manager and event source.
 	ManagedByValue = "nfmasq-egress-controller"
 
 	// AgentConfigKey is the data key of the agent's ConfigMap that the
@@ -94,6 +106,27 @@ func managedPolicySpec(clusterCIDRs []netip.Prefix) map[string]any {
 		dests[i] = map[string]any{"cidr": s}
 	}
 	return map[string]any{"action": nat.EgressPolicyNoSNAT, "destinations": dests}
+}
+
+// DefaultPolicy returns the default policy as the controller generates it:
+// GKE's default non-masquerade ranges in GKE's order, action NoSNAT.
+// Link-local 169.254.0.0/16 is not in it: the agent keeps the pod address
+// for it unless masqLinkLocal is set, as on GKE.
+func DefaultPolicy() *unstructured.Unstructured {
+	cidrs := nat.DefaultNonMasqueradeCIDRs(true)
+	dests := make([]any, len(cidrs))
+	for i, s := range cidrs {
+		dests[i] = map[string]any{"cidr": s}
+	}
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": EgressPolicyResource.GroupVersion().String(),
+		"kind":       "EgressNATPolicy",
+		"metadata": map[string]any{
+			"name":   DefaultPolicyName,
+			"labels": map[string]any{CreatedByLabel: ManagedByValue},
+		},
+		"spec": map[string]any{"action": nat.EgressPolicyNoSNAT, "destinations": dests},
+	}}
 }
 
 // verdict is the controller's judgement of one policy.

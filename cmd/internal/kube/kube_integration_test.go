@@ -28,6 +28,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
@@ -38,7 +39,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
-	"sigs.k8s.io/yaml"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
 )
 
 const (
@@ -135,35 +137,35 @@ func (s *testServer) as(t *testing.T, user string) (kubernetes.Interface, dynami
 	return client, dyn
 }
 
-// manifest is one object of a deploy/ file.
+// manifest is one object to apply; from names where it came from.
 type manifest struct {
-	file string
+	from string
 	obj  *unstructured.Unstructured
 }
 
-// deployManifests reads the objects that `kubectl apply -k deploy/` would
-// apply (kustomization.yaml's resources, in order) and then the examples.
-func deployManifests() ([]manifest, error) {
-	data, err := os.ReadFile(filepath.Join(deployDir, "kustomization.yaml"))
+// kustomizeBuild returns the objects `kubectl apply -k deploy/` applies,
+// built by the kustomize library that kubectl embeds, in the order of
+// `kustomize build` (legacy order: CRDs and RBAC before workloads).
+func kustomizeBuild() ([]manifest, error) {
+	opts := krusty.MakeDefaultOptions()
+	opts.Reorder = krusty.ReorderOptionLegacy
+	built, err := krusty.MakeKustomizer(opts).Run(filesys.MakeFsOnDisk(), deployDir)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kustomize build deploy/: %w", err)
 	}
-	var k struct {
-		Resources []string `json:"resources"`
+	var out []manifest
+	for _, r := range built.Resources() {
+		m, err := r.Map()
+		if err != nil {
+			return nil, fmt.Errorf("kustomize build deploy/: %s %s: %w", r.GetKind(), r.GetName(), err)
+		}
+		out = append(out, manifest{from: "kustomize build deploy/", obj: &unstructured.Unstructured{Object: m}})
 	}
-	if err := yaml.Unmarshal(data, &k); err != nil {
-		return nil, fmt.Errorf("kustomization.yaml: %w", err)
-	}
-	files := make([]string, 0, len(k.Resources))
-	for _, r := range k.Resources {
-		files = append(files, filepath.Join(deployDir, r))
-	}
-	examples, err := filepath.Glob(filepath.Join(deployDir, "examples", "*.yaml"))
-	if err != nil {
-		return nil, err
-	}
-	files = append(files, examples...)
+	return out, nil
+}
 
+// readManifests reads every object of the YAML files named.
+func readManifests(files ...string) ([]manifest, error) {
 	var out []manifest
 	for _, f := range files {
 		data, err := os.ReadFile(f)
@@ -181,61 +183,82 @@ func deployManifests() ([]manifest, error) {
 			if len(m) == 0 {
 				continue
 			}
-			out = append(out, manifest{file: filepath.Base(f), obj: &unstructured.Unstructured{Object: m}})
+			out = append(out, manifest{from: filepath.Base(f), obj: &unstructured.Unstructured{Object: m}})
 		}
 	}
 	return out, nil
 }
 
-// applyDeploy applies every deploy/ manifest server-side: the CRDs first,
-// waiting until they are served, then the rest through a REST mapping
-// that knows them.
-func (s *testServer) applyDeploy(ctx context.Context) error {
-	manifests, err := deployManifests()
+// exampleManifests reads deploy/examples, which an operator applies on
+// their own once nfmasq is installed.
+func exampleManifests() ([]manifest, error) {
+	files, err := filepath.Glob(filepath.Join(deployDir, "examples", "*.yaml"))
 	if err != nil {
-		return err
+		return nil, err
 	}
-	var crds, others []manifest
-	for _, m := range manifests {
-		if m.obj.GetKind() == "CustomResourceDefinition" {
-			crds = append(crds, m)
-		} else {
-			others = append(others, m)
-		}
-	}
-	crdResource := apiextensionsv1.SchemeGroupVersion.WithResource("customresourcedefinitions")
-	for _, m := range crds {
-		if _, err := s.dyn.Resource(crdResource).Apply(ctx, m.obj.GetName(), m.obj,
-			metav1.ApplyOptions{FieldManager: testFieldManager, Force: true}); err != nil {
-			return fmt.Errorf("apply %s %s: %w", m.file, m.obj.GetName(), err)
-		}
-		if err := waitEstablished(ctx, s.dyn, m.obj.GetName()); err != nil {
-			return err
-		}
-	}
+	return readManifests(files...)
+}
+
+// applyOneRun applies objs server-side the way one `kubectl apply
+// --server-side` run does: every kind is mapped through the API discovery
+// read once, before anything is applied, so a kind whose CRD is created in
+// the same run cannot be mapped; an object that fails is reported and the
+// others are still applied. The error joins every failure.
+func (s *testServer) applyOneRun(ctx context.Context, objs []manifest) error {
 	groups, err := restmapper.GetAPIGroupResources(s.client.Discovery())
 	if err != nil {
 		return fmt.Errorf("discovery: %w", err)
 	}
 	mapper := restmapper.NewDiscoveryRESTMapper(groups)
-	for _, m := range others {
+	var errs []error
+	for _, m := range objs {
 		gvk := m.obj.GroupVersionKind()
 		mapping, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
 		if err != nil {
-			return fmt.Errorf("%s: %s: %w", m.file, gvk, err)
+			errs = append(errs, fmt.Errorf("%s: %s %s: %w", m.from, gvk.Kind, m.obj.GetName(), err))
+			continue
 		}
 		var res dynamic.ResourceInterface = s.dyn.Resource(mapping.Resource)
-		if mapping.Scope.Name() == "namespace" {
+		if mapping.Scope.Name() == meta.RESTScopeNameNamespace {
 			ns := m.obj.GetNamespace()
 			if ns == "" {
-				return fmt.Errorf("%s: %s %s has no namespace", m.file, gvk.Kind, m.obj.GetName())
+				errs = append(errs, fmt.Errorf("%s: %s %s has no namespace", m.from, gvk.Kind, m.obj.GetName()))
+				continue
 			}
 			res = s.dyn.Resource(mapping.Resource).Namespace(ns)
 		}
 		if _, err := res.Apply(ctx, m.obj.GetName(), m.obj,
 			metav1.ApplyOptions{FieldManager: testFieldManager, Force: true}); err != nil {
-			return fmt.Errorf("apply %s %s %s: %w", m.file, gvk.Kind, m.obj.GetName(), err)
+			errs = append(errs, fmt.Errorf("apply %s: %s %s: %w", m.from, gvk.Kind, m.obj.GetName(), err))
 		}
+	}
+	return errors.Join(errs...)
+}
+
+// applyDeploy installs nfmasq as the README says, `kubectl apply -k
+// deploy/` in one run, waits for the CRDs to be served, and then applies
+// the examples in a second run, as an operator would.
+func (s *testServer) applyDeploy(ctx context.Context) error {
+	built, err := kustomizeBuild()
+	if err != nil {
+		return err
+	}
+	if err := s.applyOneRun(ctx, built); err != nil {
+		return fmt.Errorf("kubectl apply -k deploy/: %w", err)
+	}
+	for _, m := range built {
+		if m.obj.GetKind() == "CustomResourceDefinition" {
+			if err := waitEstablished(ctx, s.dyn, m.obj.GetName()); err != nil {
+				return err
+			}
+		}
+	}
+	examples, err := exampleManifests()
+	if err != nil {
+		return err
+	}
+	if err := s.applyOneRun(ctx, examples); err != nil {
+		return fmt.Errorf("kubectl apply -f deploy/examples: %w", err)
 	}
 	return nil
 }
@@ -340,13 +363,20 @@ func (s *testServer) waitCondition(t *testing.T, name string, status metav1.Cond
 // leader election on the Lease the deployed Role allows.
 func (s *testServer) runController(t *testing.T, cluster []netip.Prefix) *EgressController {
 	t.Helper()
+	c, _ := s.startController(t, EgressOptions{ClusterCIDRs: cluster})
+	return c
+}
+
+// startController is runController with the controller's options (the
+// ConfigMap, resync and logger are the test's). stop ends the controller
+// and waits for it, releasing the Lease; the test's cleanup calls it too.
+func (s *testServer) startController(t *testing.T, opts EgressOptions) (c *EgressController, stop func()) {
+	t.Helper()
 	client, dyn := s.as(t, controllerAccount)
-	c, err := NewEgressController(client, dyn, EgressOptions{
-		ClusterCIDRs: cluster,
-		ConfigMap:    agentConfigMap,
-		Resync:       time.Minute,
-		Logger:       testLogger(t),
-	})
+	opts.ConfigMap = agentConfigMap
+	opts.Resync = time.Minute
+	opts.Logger = testLogger(t)
+	c, err := NewEgressController(client, dyn, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -358,13 +388,17 @@ func (s *testServer) runController(t *testing.T, cluster []netip.Prefix) *Egress
 			LeaseDuration: 2 * time.Second, RenewDeadline: time.Second, RetryPeriod: 100 * time.Millisecond,
 		}, c.Run)
 	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("controller: %v", err)
-		}
-	})
-	return c
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("controller: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return c, stop
 }
 
 // TestIntegrationDeployManifests checks that every manifest in deploy/ was
@@ -373,19 +407,23 @@ func (s *testServer) runController(t *testing.T, cluster []netip.Prefix) *Egress
 func TestIntegrationDeployManifests(t *testing.T) {
 	s := apiServer(t)
 	ctx := t.Context()
-	manifests, err := deployManifests()
+	built, err := kustomizeBuild()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(manifests) < 5 {
-		t.Fatalf("only %d manifests in deploy/", len(manifests))
+	examples, err := exampleManifests()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(built) < 5 || len(examples) == 0 {
+		t.Fatalf("only %d objects in deploy/ and %d examples", len(built), len(examples))
 	}
 	// Applying again is a no-op, as `kubectl apply -k` run twice must be.
 	if err := s.applyDeploy(ctx); err != nil {
 		t.Fatalf("second apply: %v", err)
 	}
-	for _, m := range manifests {
-		t.Logf("applied %s: %s %s", m.file, m.obj.GetKind(), m.obj.GetName())
+	for _, m := range append(built, examples...) {
+		t.Logf("applied %s: %s %s", m.from, m.obj.GetKind(), m.obj.GetName())
 	}
 
 	s.resetPolicies(t)
