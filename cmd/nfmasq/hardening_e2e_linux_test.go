@@ -927,6 +927,9 @@ func TestHardenXtablesLock(t *testing.T) {
 func TestHardenStartStopCycles(t *testing.T) {
 	netnstest.Require(t, "iptables-restore", "ip6tables-restore", "ipset")
 	top := netnstest.NewTopology(t)
+	// A race-enabled agent sleeps 1 s at exit so that late races get
+	// reported; over many cycles that would be most of the test's time.
+	t.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	pristine := iptablesSave(t, top.Node)
 	args := []string{"--config", writeConfig(t, t.TempDir(), hardenConfig), "--flow-log", "off"}
 	cycles := hardenRuns(10, 100)
