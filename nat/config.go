@@ -337,6 +337,9 @@ func toJSON(data []byte) (js []byte, isJSON bool, err error) {
 	if bytes.HasPrefix(bytes.TrimLeftFunc(data, unicode.IsSpace), []byte("{")) {
 		return data, true, nil
 	}
+	if js, ok := fastYAMLToJSON(data); ok {
+		return js, false, nil
+	}
 	js, err = yaml.YAMLToJSON(data)
 	if err != nil {
 		return nil, false, withYAMLLine(err)

@@ -1,0 +1,118 @@
+package nat
+
+import (
+	"encoding/json"
+	"fmt"
+	"reflect"
+	"strings"
+	"testing"
+
+	"sigs.k8s.io/yaml"
+)
+
+// fastYAMLSeeds are files the fast path should take, and near misses it
+// must leave to the general parser.
+var fastYAMLSeeds = []string{
+	"nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 172.16.0.0/12\nmasqLinkLocal: true\nresyncInterval: 60s\ncidrLimit: 64\n",
+	"# comment\nnonMasqueradeCIDRs:\n- 10.0.0.0/8 # office\n- fd00::/8\nmasqLinkLocalIPv6: false\n",
+	"nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\n",
+	"nonMasqueradeCIDRs: []\nresyncInterval: 1m30s\n",
+	"nonMasqueradeCIDRs:\nmasqLinkLocal: true\n",
+	"resyncInterval: 500ms\n",
+	"nonMasqueradeCIDRs:\n  - ::/0\n  - 0.0.0.0/0\n",
+	// Near misses: the general parser decides these.
+	"nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n - 11.0.0.0/8\n",
+	"nonMasqueradeCIDRs:\n  - \"10.0.0.0/8\"\n",
+	"nonMasqueradeCIDRs: 10.0.0.0/8\n",
+	"cidrLimit: 010\n",
+	"cidrLimit: 1e3\n",
+	"masqLinkLocal: yes\n",
+	"resyncInterval: 60\n",
+	"---\nmasqLinkLocal: true\n",
+	"nonMasqueradeCidr:\n  - 10.0.0.0/8\n",
+	"masqLinkLocal: true\nmasqLinkLocal: false\n",
+	"nonMasqueradeCIDRs:\n\t- 10.0.0.0/8\n",
+	"nonMasqueradeCIDRs: &a [10.0.0.0/8]\n",
+	"nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n    - 11.0.0.0/8\n",
+	"masqLinkLocal:true\n",
+	"# only a comment\n",
+	"nonMasqueradeCIDRs:\r\n  - 10.0.0.0/8\r\n",
+}
+
+// When the fast path answers, it answers as the general YAML parser does.
+func checkFastYAML(t *testing.T, data []byte) bool {
+	fast, ok := fastYAMLToJSON(data)
+	if !ok {
+		return false
+	}
+	slow, err := yaml.YAMLToJSON(data)
+	if err != nil {
+		t.Fatalf("fast path accepted %q, the YAML parser rejects it: %v", data, err)
+	}
+	var a, b any
+	if err := json.Unmarshal(fast, &a); err != nil {
+		t.Fatalf("fast path wrote invalid JSON %s for %q: %v", fast, data, err)
+	}
+	if err := json.Unmarshal(slow, &b); err != nil {
+		t.Fatalf("YAML parser wrote invalid JSON %s: %v", slow, err)
+	}
+	if !reflect.DeepEqual(a, b) {
+		t.Fatalf("for %q the fast path says %s, the YAML parser %s", data, fast, slow)
+	}
+	return true
+}
+
+func TestFastYAMLAgrees(t *testing.T) {
+	taken := 0
+	for _, s := range fastYAMLSeeds {
+		if checkFastYAML(t, []byte(s)) {
+			taken++
+		}
+	}
+	if taken != 7 {
+		t.Errorf("fast path took %d of the seeds, want the first 7", taken)
+	}
+}
+
+// A large generated list, the case the fast path exists for, takes it and
+// parses to the same config.
+func TestFastYAMLLargeList(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("# generated\nresyncInterval: 60s\nnonMasqueradeCIDRs:\n")
+	for i := range 20000 {
+		fmt.Fprintf(&b, "  - %d.%d.%d.0/24\n", 20+i%70, (i/70)%256, i%256)
+	}
+	if !checkFastYAML(t, []byte(b.String())) {
+		t.Fatal("fast path refused a plain generated list")
+	}
+}
+
+func FuzzFastYAML(f *testing.F) {
+	for _, s := range fastYAMLSeeds {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) { checkFastYAML(t, data) })
+}
+
+func BenchmarkParseConfigYAML100k(b *testing.B) {
+	var s strings.Builder
+	s.WriteString("nonMasqueradeCIDRs:\n")
+	for i := range 100000 {
+		fmt.Fprintf(&s, "  - %d.%d.%d.0/24\n", 20+i%70, (i/70)%256, i%256)
+	}
+	data := []byte(s.String())
+	b.Run("fast", func(b *testing.B) {
+		for b.Loop() {
+			if _, _, err := ParseConfig(data, ParseOptions{AllReservedRanges: true}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("general-yaml", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := yaml.YAMLToJSON(data); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
