@@ -179,6 +179,9 @@ cmd_up() {
 	head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RUN/token"
 	echo "$(cat "$RUN/token"),$TOKEN_USER,$TOKEN_USER,system:masters" >"$RUN/tokens.csv"
 
+	# --allow-privileged as on every real cluster (kubeadm, GKE): the
+	# agent's node-prep init container is privileged, and the API server
+	# rejects such a pod template otherwise.
 	# No kube-controller-manager runs, so nothing creates the "default"
 	# service accounts that the ServiceAccount admission plugin demands of
 	# every pod: it is off, as are the webhook plugins (no webhooks here).
@@ -215,6 +218,7 @@ cmd_up() {
 		--service-account-key-file "$RUN/pki/sa.pub" \
 		--service-account-signing-key-file "$RUN/pki/sa.key" \
 		--endpoint-reconciler-type none \
+		--allow-privileged=true \
 		--disable-admission-plugins ServiceAccount,MutatingAdmissionWebhook,ValidatingAdmissionWebhook \
 		--enable-priority-and-fairness=false \
 		--profiling=false \
