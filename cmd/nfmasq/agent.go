@@ -104,10 +104,13 @@ type agent struct {
 
 	policy     atomic.Pointer[nat.Policy]
 	generation atomic.Uint64
-	rulesCfg   rules.Config // the rule set last installed (queue enabled)
-	installer  *rules.Installer
-	podCIDRs   []netip.Prefix
-	queueNums  []uint16
+	// applied is the generation whose fallback rules are installed and
+	// whose conntrack clean-up is done.
+	applied   atomic.Uint64
+	rulesCfg  rules.Config // the rule set last installed (queue enabled)
+	installer *rules.Installer
+	podCIDRs  []netip.Prefix
+	queueNums []uint16
 
 	ready   atomic.Bool
 	healthy atomic.Bool
@@ -115,6 +118,9 @@ type agent struct {
 	lastErr  string // last distinct config error logged
 	lastWarn string // last distinct set of warnings logged
 	driftLog bool   // rules drift already reported and not yet restored
+	// rulesPending: the policy in force is newer than the installed
+	// fallback rules (their install failed); every resync retries.
+	rulesPending bool
 
 	ctDrops     uint64 // conntrack's drop counter at the last resync
 	ctDropsRead bool   // ctDrops holds a reading
@@ -314,6 +320,10 @@ func (a *agent) reload(ctx context.Context, why string) {
 
 	old := a.policy.Load()
 	if old != nil && old.Hash() == pol.Hash() {
+		if a.rulesPending {
+			a.installRules(ctx, "retry")
+			return
+		}
 		a.checkRules(ctx)
 		return
 	}
@@ -325,14 +335,20 @@ func (a *agent) reload(ctx context.Context, why string) {
 		a.log.Error("policy cannot be installed; keeping the last good one", "err", err)
 		return
 	}
-	if err := a.installer.Install(ctx, cfg); err != nil {
-		a.metrics.installErrors.Inc()
-		a.log.Error("installing rules failed; will retry at the next resync", "err", err)
-		if old == nil {
+	if old == nil {
+		// First policy: nothing is queued before the rules exist, and
+		// readiness means rules installed.
+		if err := a.installer.Install(ctx, cfg); err != nil {
+			a.metrics.installErrors.Inc()
+			a.log.Error("installing rules failed; will retry at the next resync", "err", err)
 			a.setNotReady("rules not installed: " + err.Error())
+			return
 		}
-		return
 	}
+	// On a change the new policy decides the next queued packet at once;
+	// the kernel fallback follows when its rules are rewritten (for a
+	// 100,000-CIDR ipset that takes longer than compiling the policy).
+	// Until then only flows the agent does not see use the old list.
 	a.rulesCfg = cfg
 	a.policy.Store(pol)
 	gen := a.generation.Add(1)
@@ -340,9 +356,26 @@ func (a *agent) reload(ctx context.Context, why string) {
 	a.log.Info("policy in force", "generation", gen, "hash", pol.Hash(), "prefixes", pol.Len(),
 		"resyncInterval", pol.Effective().ResyncInterval.String(), "trigger", why)
 	if old != nil {
+		a.rulesPending = true
+		a.installRules(ctx, why)
 		a.reconcileConntrack(ctx, old, pol)
 	}
+	if !a.rulesPending {
+		a.applied.Store(gen)
+	}
 	a.ready.Store(true)
+}
+
+// installRules writes the rule set of the policy in force; a failure is
+// retried at every resync until it succeeds.
+func (a *agent) installRules(ctx context.Context, why string) {
+	if err := a.installer.Install(ctx, a.rulesCfg); err != nil {
+		a.metrics.installErrors.Inc()
+		a.log.Error("installing the fallback rules of the new policy failed; the agent decides with it, the fallback keeps the old list until a retry succeeds", "err", err, "trigger", why)
+		return
+	}
+	a.rulesPending = false
+	a.applied.Store(a.generation.Load())
 }
 
 // checkRules restores the rule set when another process changed it.

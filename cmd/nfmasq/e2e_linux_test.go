@@ -175,7 +175,7 @@ func TestAgentReload(t *testing.T) {
 
 	// Change: the internet range becomes non-masquerade.
 	writeConfig(t, dir, "nonMasqueradeCIDRs: [10.0.0.0/8, 11.0.0.0/8]\nresyncInterval: 1s\n")
-	gen = a.waitMetric("reload", func(v float64) bool { return v > gen }, "nfmasq_policy_generation")
+	gen = a.waitMetric("reload", func(v float64) bool { return v > gen }, "nfmasq_policy_applied_generation")
 	checkFlows(t, top, 7201, cases(both(internet4, "pod"), both(internal4, "pod")))
 	// The live UDP flow was re-decided: its conntrack entry was deleted.
 	flow.expectSource(t, netnstest.PodAddr4)
@@ -192,7 +192,7 @@ func TestAgentReload(t *testing.T) {
 	if err := os.Remove(cfg); err != nil {
 		t.Fatal(err)
 	}
-	a.waitMetric("defaults", func(v float64) bool { return v > gen }, "nfmasq_policy_generation")
+	a.waitMetric("defaults", func(v float64) bool { return v > gen }, "nfmasq_policy_applied_generation")
 	checkFlows(t, top, 7203, cases(both(internet4, "node"), both(cgnat4, "pod")))
 }
 

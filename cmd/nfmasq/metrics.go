@@ -134,6 +134,7 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 
 var (
 	descGeneration = prometheus.NewDesc("nfmasq_policy_generation", "Policies put in force since start (1 after the first load).", nil, nil)
+	descApplied    = prometheus.NewDesc("nfmasq_policy_applied_generation", "The policy generation whose fallback rules are installed and whose changed flows were re-decided.", nil, nil)
 	descPolicy     = prometheus.NewDesc("nfmasq_policy_info", "The policy in force: its hash (1 while in force).", []string{"hash"}, nil)
 	descPrefixes   = prometheus.NewDesc("nfmasq_policy_prefixes", "Non-masquerade prefixes in the policy in force.", nil, nil)
 	descReady      = prometheus.NewDesc("nfmasq_ready", "1 when rules are installed and the queue is bound.", nil, nil)
@@ -143,6 +144,7 @@ type policyCollector struct{ a *agent }
 
 func (c *policyCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descGeneration
+	ch <- descApplied
 	ch <- descPolicy
 	ch <- descPrefixes
 	ch <- descReady
@@ -150,6 +152,7 @@ func (c *policyCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *policyCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descGeneration, prometheus.GaugeValue, float64(c.a.generation.Load()))
+	ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(c.a.applied.Load()))
 	if p := c.a.policy.Load(); p != nil {
 		ch <- prometheus.MustNewConstMetric(descPolicy, prometheus.GaugeValue, 1, p.Hash())
 		ch <- prometheus.MustNewConstMetric(descPrefixes, prometheus.GaugeValue, float64(p.Len()))

@@ -22,8 +22,9 @@ type configWatch struct {
 	done    chan struct{}
 }
 
-// debounce is how long a burst of events may last before one reload.
-const debounce = 100 * time.Millisecond
+// debounce is how long a burst of events may last before one reload:
+// kubelet's ConfigMap update is a few renames within a millisecond or two.
+const debounce = 20 * time.Millisecond
 
 func newConfigWatch(path string, log *slog.Logger) *configWatch {
 	cw := &configWatch{dir: filepath.Dir(path), log: log, changed: make(chan struct{}, 1), done: make(chan struct{})}
