@@ -195,7 +195,7 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		return c, nil, nil
 	}
-	js, isJSON, err := toJSON(data)
+	js, isJSON, fastKeys, err := toJSONKeys(data)
 	if err != nil {
 		return Config{}, nil, err
 	}
@@ -219,12 +219,6 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 		}
 		return Config{}, nil, err
 	}
-	var keys map[string]json.RawMessage
-	if err := json.Unmarshal(js, &keys); err != nil {
-		// Unreachable: the same bytes just decoded into a struct, so they
-		// hold an object or null.
-		return Config{}, nil, fmt.Errorf("config keys: %w", err)
-	}
 	c = Config{
 		NonMasqueradeCIDRs: mc.NonMasqueradeCIDRs,
 		MasqLinkLocal:      mc.MasqLinkLocal,
@@ -232,12 +226,26 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 		ResyncInterval:     time.Duration(mc.ResyncInterval),
 		CIDRLimit:          mc.CidrLimit,
 	}
-	warnings := keyWarnings(keys)
-	for k := range keys {
-		// encoding/json matches keys case-insensitively, and a null list
-		// decodes to nil: either way the key replaces the defaults.
-		if strings.EqualFold(k, "nonMasqueradeCIDRs") {
-			c.CustomCIDRs = true
+	var warnings []Warning
+	if fastKeys >= 0 {
+		// The fast path takes only known keys, spelt exactly: no
+		// warnings, and no need to decode a long list a second time.
+		c.CustomCIDRs = fastKeys&(1<<slices.Index(configKeys, "nonMasqueradeCIDRs")) != 0
+	} else {
+		var keys map[string]json.RawMessage
+		if err := json.Unmarshal(js, &keys); err != nil {
+			// Unreachable: the same bytes just decoded into a struct, so
+			// they hold an object or null.
+			return Config{}, nil, fmt.Errorf("config keys: %w", err)
+		}
+		warnings = keyWarnings(keys)
+		for k := range keys {
+			// encoding/json matches keys case-insensitively, and a null
+			// list decodes to nil: either way the key replaces the
+			// defaults.
+			if strings.EqualFold(k, "nonMasqueradeCIDRs") {
+				c.CustomCIDRs = true
+			}
 		}
 	}
 	if err := c.Validate(opts.EnableIPv6); err != nil {
@@ -334,17 +342,31 @@ func (d *duration) UnmarshalJSON(b []byte) error {
 // yaml.ToJSON (which upstream uses): input that looks like a JSON object is
 // passed through untouched, so its syntax errors are JSON's.
 func toJSON(data []byte) (js []byte, isJSON bool, err error) {
+	js, isJSON, _, err = toJSONKeys(data)
+	return js, isJSON, err
+}
+
+// toJSONKeys is toJSON that also reports, when the fast path converted the
+// file, which configKeys it holds (fastKeys >= 0); -1 means the caller
+// must read the keys from the JSON.
+func toJSONKeys(data []byte) (js []byte, isJSON bool, fastKeys int, err error) {
 	if bytes.HasPrefix(bytes.TrimLeftFunc(data, unicode.IsSpace), []byte("{")) {
-		return data, true, nil
+		return data, true, -1, nil
 	}
-	if js, ok := fastYAMLToJSON(data); ok {
-		return js, false, nil
+	if js, present, ok := fastYAMLToJSON(data); ok {
+		return js, false, present, nil
 	}
-	js, err = yaml.YAMLToJSON(data)
+	js, err = toJSONGeneral(data)
+	return js, false, -1, err
+}
+
+// toJSONGeneral converts YAML with the general parser.
+func toJSONGeneral(data []byte) ([]byte, error) {
+	js, err := yaml.YAMLToJSON(data)
 	if err != nil {
-		return nil, false, withYAMLLine(err)
+		return nil, withYAMLLine(err)
 	}
-	return js, false, nil
+	return js, nil
 }
 
 // yamlParserProblems are the YAML library's parser (as opposed to

@@ -15,14 +15,15 @@ import (
 // booleans or timestamps) it returns ok=false and the caller uses the
 // general parser, so errors and unusual files keep their exact behaviour.
 // FuzzFastYAML checks that whenever it answers, it answers as the general
-// parser does.
-func fastYAMLToJSON(data []byte) (js []byte, ok bool) {
+// parser does. present is the set of configKeys (bit i for configKeys[i])
+// the file holds, so the caller need not decode the keys again.
+func fastYAMLToJSON(data []byte) (js []byte, present int, ok bool) {
 	// Printable ASCII and '\n' only: YAML rejects some control characters
 	// and invalid UTF-8 even inside comments, and a lone '\r' breaks lines
 	// (CRLF files take the general parser).
 	for _, c := range data {
 		if (c < 0x20 || c > 0x7e) && c != '\n' {
-			return nil, false
+			return nil, 0, false
 		}
 	}
 	out := make([]byte, 0, len(data)+len(data)/8)
@@ -58,39 +59,39 @@ func fastYAMLToJSON(data []byte) (js []byte, ok bool) {
 			// A sequence item: only directly under a key with an empty
 			// value, and only a CIDR.
 			if !(pendingKey || inList) || len(body) < 2 || body[1] != ' ' {
-				return nil, false
+				return nil, 0, false
 			}
 			item := bytes.TrimSpace(body[2:])
 			if !plainCIDR(item) {
-				return nil, false
+				return nil, 0, false
 			}
 			if pendingKey {
 				out = append(out, '[')
 				pendingKey, inList, listIndent = false, true, indent
 			} else if indent != listIndent {
-				return nil, false // YAML rejects ragged sequences
+				return nil, 0, false // YAML rejects ragged sequences
 			}
 			if listItems > 0 {
 				out = append(out, ',')
 			}
-			out = strconv.AppendQuote(out, string(item))
+			out = appendQuoted(out, item)
 			listItems++
 			continue
 		}
 		if indent != 0 {
-			return nil, false
+			return nil, 0, false
 		}
 		colon := bytes.IndexByte(body, ':')
 		if colon <= 0 {
-			return nil, false
+			return nil, 0, false
 		}
 		key, value := body[:colon], bytes.TrimSpace(body[colon+1:])
 		if colon+1 < len(body) && body[colon+1] != ' ' {
-			return nil, false // "a:b" is a scalar, not a key
+			return nil, 0, false // "a:b" is a scalar, not a key
 		}
 		k := knownKey(key)
 		if k < 0 || seen&(1<<k) != 0 {
-			return nil, false
+			return nil, 0, false
 		}
 		seen |= 1 << k
 		closePending()
@@ -106,15 +107,15 @@ func fastYAMLToJSON(data []byte) (js []byte, ok bool) {
 		}
 		v, ok := fastValue(configKeys[k], value)
 		if !ok {
-			return nil, false
+			return nil, 0, false
 		}
 		out = append(out, v...)
 	}
 	closePending()
 	if keys == 0 {
-		return nil, false // comment-only and empty files have their own rule
+		return nil, 0, false // comment-only and empty files have their own rule
 	}
-	return append(out, '}'), true
+	return append(out, '}'), seen, true
 }
 
 // stripComment removes a trailing " # comment" (or a whole-line comment).
@@ -160,7 +161,7 @@ func fastValue(key string, v []byte) ([]byte, bool) {
 			if i > 0 {
 				out = append(out, ',')
 			}
-			out = strconv.AppendQuote(out, string(item))
+			out = appendQuoted(out, item)
 		}
 		return append(out, ']'), true
 	case "masqLinkLocal", "masqLinkLocalIPv6":
@@ -244,4 +245,12 @@ func plainDuration(b []byte) bool {
 		b = b[unit:]
 	}
 	return true
+}
+
+// appendQuoted quotes a scalar the fast path accepted: it holds no quote,
+// backslash or control character, so it needs no escaping.
+func appendQuoted(dst, s []byte) []byte {
+	dst = append(dst, '"')
+	dst = append(dst, s...)
+	return append(dst, '"')
 }

@@ -41,7 +41,7 @@ var fastYAMLSeeds = []string{
 
 // When the fast path answers, it answers as the general YAML parser does.
 func checkFastYAML(t *testing.T, data []byte) bool {
-	fast, ok := fastYAMLToJSON(data)
+	fast, present, ok := fastYAMLToJSON(data)
 	if !ok {
 		return false
 	}
@@ -58,6 +58,12 @@ func checkFastYAML(t *testing.T, data []byte) bool {
 	}
 	if !reflect.DeepEqual(a, b) {
 		t.Fatalf("for %q the fast path says %s, the YAML parser %s", data, fast, slow)
+	}
+	for i, k := range configKeys {
+		_, has := a.(map[string]any)[k]
+		if has != (present&(1<<i) != 0) {
+			t.Fatalf("for %q the fast path reports key %s present=%v", data, k, !has)
+		}
 	}
 	return true
 }
