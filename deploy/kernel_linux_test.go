@@ -16,10 +16,10 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
 	"github.com/nfmasq/nfmasq/queue/conntrack"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 

@@ -14,9 +14,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
 // latencyObserver keeps the decision latency of every packet, and wakes

@@ -18,9 +18,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 

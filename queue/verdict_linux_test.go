@@ -8,7 +8,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
 // TestRawVerdicterAllocs sends verdicts for a queue nobody bound, on a

@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 

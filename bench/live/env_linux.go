@@ -20,8 +20,8 @@ import (
 	"github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
 // TestShortRun runs the whole benchmark in -short mode, so the suite

@@ -323,7 +323,7 @@ func joinInts(v []int) string {
 const methodText = `## What is measured
 
 Three namespaces, pod → node → remote, joined by veth pairs
-(internal/netnstest); the node forwards and does the NAT. Each dataplane
+(queue/netnstest); the node forwards and does the NAT. Each dataplane
 is set up on a bare node, measured, and removed:
 
 - **agent**: ` + "`nfmasq agent`" + ` (built from this tree) with every decision

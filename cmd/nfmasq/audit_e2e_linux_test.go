@@ -22,8 +22,8 @@ import (
 	ct "github.com/ti-mo/conntrack"
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/queue/conntrack"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
@@ -703,30 +703,7 @@ func TestAuditKilledAgentFallbackRecords(t *testing.T) {
 // flow log's stdout sink) going to stdout and its log to the test buffer.
 func startAgentStdout(t *testing.T, top *netnstest.Topology, stdout *os.File, args ...string) *agentProc {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	full := append([]string{self, "agent",
-		"--pod-cidr", netnstest.PodCIDR4.String(),
-		"--pod-cidr", netnstest.PodCIDR6.String(),
-		"--enable-ipv6",
-		"--metrics-addr", metricsAddr,
-	}, args...)
-	cmd := top.Node.Command(context.Background(), full...)
-	cmd.Env = append(os.Environ(), "NFMASQ_RUN_MAIN=1")
-	a := &agentProc{t: t, top: top, cmd: cmd, out: &lockedBuffer{}, done: make(chan struct{}), client: top.Node.HTTPClient()}
-	cmd.Stdout, cmd.Stderr = stdout, a.out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = cmd.Wait(); close(a.done) }()
-	t.Cleanup(func() {
-		a.stop(syscall.SIGTERM)
-		if t.Failed() {
-			t.Logf("agent output:\n%s", a.out.String())
-		}
-	})
+	a := launchAgentTo(t, top, stdout, args...)
 	a.waitReady()
 	return a
 }

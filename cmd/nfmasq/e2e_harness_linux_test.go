@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -66,6 +66,23 @@ func (l *lockedBuffer) String() string {
 // the topology and extra flags, and waits until /readyz answers 200.
 func startAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentProc {
 	t.Helper()
+	a := launchAgentTo(t, top, nil, args...)
+	a.waitReady()
+	return a
+}
+
+// launchAgent starts the agent as startAgent does but returns at once,
+// for tests that time the start or expect it never to become ready.
+func launchAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentProc {
+	t.Helper()
+	return launchAgentTo(t, top, nil, args...)
+}
+
+// launchAgentTo is launchAgent with the agent's standard output (the flow
+// log's stdout sink) going to stdout; nil sends it to the test's buffer
+// with the agent's log.
+func launchAgentTo(t *testing.T, top *netnstest.Topology, stdout io.Writer, args ...string) *agentProc {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -80,6 +97,9 @@ func startAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentPro
 	cmd.Env = append(os.Environ(), "NFMASQ_RUN_MAIN=1")
 	a := &agentProc{t: t, top: top, cmd: cmd, out: &lockedBuffer{}, done: make(chan struct{}), client: top.Node.HTTPClient()}
 	cmd.Stdout, cmd.Stderr = a.out, a.out
+	if stdout != nil {
+		cmd.Stdout = stdout
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +110,6 @@ func startAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentPro
 			t.Logf("agent output:\n%s", a.out.String())
 		}
 	})
-	a.waitReady()
 	return a
 }
 

@@ -31,7 +31,7 @@ import (
 	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
 // The hardening tests inject faults into a running agent in the namespace
@@ -65,37 +65,6 @@ func hardenRuns(short, long int) int {
 func figure(t *testing.T, format string, args ...any) {
 	t.Helper()
 	t.Logf("FIGURE %s: %s", t.Name(), fmt.Sprintf(format, args...))
-}
-
-// launchAgent starts the agent as startAgent does but returns at once,
-// for tests that time the start or expect it never to become ready.
-func launchAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentProc {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	full := append([]string{self, "agent",
-		"--pod-cidr", netnstest.PodCIDR4.String(),
-		"--pod-cidr", netnstest.PodCIDR6.String(),
-		"--enable-ipv6",
-		"--metrics-addr", metricsAddr,
-	}, args...)
-	cmd := top.Node.Command(context.Background(), full...)
-	cmd.Env = append(os.Environ(), "NFMASQ_RUN_MAIN=1")
-	a := &agentProc{t: t, top: top, cmd: cmd, out: &lockedBuffer{}, done: make(chan struct{}), client: top.Node.HTTPClient()}
-	cmd.Stdout, cmd.Stderr = a.out, a.out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = cmd.Wait(); close(a.done) }()
-	t.Cleanup(func() {
-		a.stop(syscall.SIGTERM)
-		if t.Failed() {
-			t.Logf("agent output:\n%s", a.out.String())
-		}
-	})
-	return a
 }
 
 // status returns the HTTP status of GET path on the agent, 0 when it does

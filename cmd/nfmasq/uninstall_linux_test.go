@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/queue/netnstest"
 	"github.com/nfmasq/nfmasq/queue/rules"
 )
 
