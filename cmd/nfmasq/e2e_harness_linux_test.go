@@ -174,37 +174,7 @@ func (a *agentProc) metrics() map[string]*dto.MetricFamily {
 // given pairs (k, v, k, v...).
 func (a *agentProc) metric(name string, labels ...string) float64 {
 	a.t.Helper()
-	mf, ok := a.metrics()[name]
-	if !ok {
-		return 0
-	}
-	var sum float64
-	for _, m := range mf.Metric {
-		match := true
-		for i := 0; i+1 < len(labels); i += 2 {
-			found := false
-			for _, lp := range m.Label {
-				if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-					found = true
-				}
-			}
-			match = match && found
-		}
-		if !match {
-			continue
-		}
-		switch {
-		case m.Counter != nil:
-			sum += m.Counter.GetValue()
-		case m.Gauge != nil:
-			sum += m.Gauge.GetValue()
-		case m.Untyped != nil:
-			sum += m.Untyped.GetValue()
-		case m.Histogram != nil:
-			sum += float64(m.Histogram.GetSampleCount())
-		}
-	}
-	return sum
+	return sample(a.metrics(), name, labels...)
 }
 
 // waitMetric waits until cond holds for the metric value.

@@ -121,6 +121,8 @@ func sample(mfs map[string]*dto.MetricFamily, name string, labels ...string) flo
 			sum += m.Gauge.GetValue()
 		case m.Untyped != nil:
 			sum += m.Untyped.GetValue()
+		case m.Histogram != nil:
+			sum += float64(m.Histogram.GetSampleCount())
 		}
 	}
 	return sum
