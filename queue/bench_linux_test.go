@@ -103,7 +103,7 @@ func benchNewFlows(b *testing.B, workers, window int) {
 		if i%2 == 1 {
 			dst = netnstest.Internal4
 		}
-		d := udpDatagram(netip.AddrPortFrom(src, uint16(10000+i%50000)), netip.AddrPortFrom(dst, 9), []byte("bench"))
+		d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(10000+i%50000)), netip.AddrPortFrom(dst, 9), []byte("bench"))
 		pkts[i] = append(ipv4Header(17, len(d), 5, 0, src, dst), d...)
 	}
 

@@ -316,49 +316,8 @@ func ipv4Header(proto byte, payloadLen int, ihl int, frag uint16, src, dst netip
 	for i := 20; i < len(h); i++ {
 		h[i] = 1 // NOP options
 	}
-	binary.BigEndian.PutUint16(h[10:], fold(checksum(0, h)))
+	binary.BigEndian.PutUint16(h[10:], netnstest.Checksum(0, h))
 	return h
-}
-
-func checksum(sum uint32, b []byte) uint32 {
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	return sum
-}
-
-func fold(sum uint32) uint16 {
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
-}
-
-// udpDatagram returns a UDP header and payload with a correct checksum.
-func udpDatagram(src, dst netip.AddrPort, payload []byte) []byte {
-	u := make([]byte, 8, 8+len(payload))
-	binary.BigEndian.PutUint16(u[0:], src.Port())
-	binary.BigEndian.PutUint16(u[2:], dst.Port())
-	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
-	u = append(u, payload...)
-	var pseudo []byte
-	pseudo = append(pseudo, src.Addr().AsSlice()...)
-	pseudo = append(pseudo, dst.Addr().AsSlice()...)
-	if src.Addr().Is4() {
-		pseudo = append(pseudo, 0, 17, byte(len(u)>>8), byte(len(u)))
-	} else {
-		pseudo = binary.BigEndian.AppendUint32(pseudo, uint32(len(u)))
-		pseudo = append(pseudo, 0, 0, 0, 17)
-	}
-	c := fold(checksum(checksum(0, pseudo), u))
-	if c == 0 {
-		c = 0xffff
-	}
-	binary.BigEndian.PutUint16(u[6:], c)
-	return u
 }
 
 func ipv6Packet(nh byte, payloadLen int, src, dst netip.Addr, rest ...[]byte) []byte {
@@ -409,7 +368,7 @@ func craftedPackets() []crafted {
 	port := uint16(40000)
 	datagram := func(src, dst netip.Addr) []byte {
 		port++
-		return udpDatagram(netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 9100), []byte("crafted"))
+		return netnstest.UDPDatagram(netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 9100), []byte("crafted"))
 	}
 	udp4 := func() []byte { return datagram(pod4, dst4) }
 	udp6 := func() []byte { return datagram(pod6, dst6) }
@@ -418,13 +377,13 @@ func craftedPackets() []crafted {
 	// v6 builds an IPv6 packet with a correct payload length.
 	v6 := func(nh byte, parts ...[]byte) []byte { return ipv6Packet(nh, total(parts...), pod6, dst6, parts...) }
 
-	big4 := udpDatagram(netip.AddrPortFrom(pod4, 39001), netip.AddrPortFrom(dst4, 9100), make([]byte, 40))
-	big6 := udpDatagram(netip.AddrPortFrom(pod6, 39001), netip.AddrPortFrom(dst6, 9100), make([]byte, 40))
-	icmpQuote := append(ipv4Header(17, 8, 5, 0, dst4, pod4), udpDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
+	big4 := netnstest.UDPDatagram(netip.AddrPortFrom(pod4, 39001), netip.AddrPortFrom(dst4, 9100), make([]byte, 40))
+	big6 := netnstest.UDPDatagram(netip.AddrPortFrom(pod6, 39001), netip.AddrPortFrom(dst6, 9100), make([]byte, 40))
+	icmpQuote := append(ipv4Header(17, 8, 5, 0, dst4, pod4), netnstest.UDPDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
 	icmpErr := append([]byte{3, 3, 0, 0, 0, 0, 0, 0}, icmpQuote...)
-	binary.BigEndian.PutUint16(icmpErr[2:], fold(checksum(0, icmpErr)))
+	binary.BigEndian.PutUint16(icmpErr[2:], netnstest.Checksum(0, icmpErr))
 	echo := []byte{8, 0, 0, 0, 0x12, 0x34, 0, 1}
-	binary.BigEndian.PutUint16(echo[2:], fold(checksum(0, echo)))
+	binary.BigEndian.PutUint16(echo[2:], netnstest.Checksum(0, echo))
 
 	chain := make([][]byte, 0, packet.MaxExtHeaders+2)
 	for range packet.MaxExtHeaders + 1 {
@@ -437,13 +396,13 @@ func craftedPackets() []crafted {
 
 	// A datagram in two fragments, which the node reassembles before
 	// FORWARD: the queue sees it once, whole.
-	whole4 := udpDatagram(netip.AddrPortFrom(pod4, 39003), netip.AddrPortFrom(dst4, 9100), make([]byte, 40))
-	whole6 := udpDatagram(netip.AddrPortFrom(pod6, 39003), netip.AddrPortFrom(dst6, 9100), make([]byte, 40))
+	whole4 := netnstest.UDPDatagram(netip.AddrPortFrom(pod4, 39003), netip.AddrPortFrom(dst4, 9100), make([]byte, 40))
+	whole6 := netnstest.UDPDatagram(netip.AddrPortFrom(pod6, 39003), netip.AddrPortFrom(dst6, 9100), make([]byte, 40))
 	frag4a := append(ipv4Header(17, 16, 5, 0x2000, pod4, dst4), whole4[:16]...)
 	frag4b := append(ipv4Header(17, len(whole4)-16, 5, 16/8, pod4, dst4), whole4[16:]...)
 	binary.BigEndian.PutUint16(frag4b[4:], binary.BigEndian.Uint16(frag4a[4:]))
 	binary.BigEndian.PutUint16(frag4b[10:], 0)
-	binary.BigEndian.PutUint16(frag4b[10:], fold(checksum(0, frag4b[:20])))
+	binary.BigEndian.PutUint16(frag4b[10:], netnstest.Checksum(0, frag4b[:20]))
 	frag6a := v6(44, []byte{17, 0, 0, 1, 0, 0, 0, 10}, whole6[:16])
 	frag6b := v6(44, []byte{17, 0, 0, 16, 0, 0, 0, 10}, whole6[16:])
 
@@ -646,7 +605,7 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 		pkts := make([][]byte, n)
 		for i := range pkts {
 			src++
-			d := udpDatagram(netip.AddrPortFrom(netnstest.PodAddr4, src), netip.AddrPortFrom(netnstest.Internet4, port), []byte("stop test"))
+			d := netnstest.UDPDatagram(netip.AddrPortFrom(netnstest.PodAddr4, src), netip.AddrPortFrom(netnstest.Internet4, port), []byte("stop test"))
 			pkts[i] = append(ipv4Header(17, len(d), 5, 0, netnstest.PodAddr4, netnstest.Internet4), d...)
 		}
 		return pkts
@@ -754,7 +713,7 @@ func TestKernelSocketOverflowCounted(t *testing.T) {
 
 	pkts := make([][]byte, flows)
 	for i := range pkts {
-		d := udpDatagram(netip.AddrPortFrom(netnstest.PodAddr4, uint16(30000+i)), netip.AddrPortFrom(netnstest.Internet4, port), []byte("overflow"))
+		d := netnstest.UDPDatagram(netip.AddrPortFrom(netnstest.PodAddr4, uint16(30000+i)), netip.AddrPortFrom(netnstest.Internet4, port), []byte("overflow"))
 		pkts[i] = append(ipv4Header(17, len(d), 5, 0, netnstest.PodAddr4, netnstest.Internet4), d...)
 	}
 	sendRaw(t, env.top, pkts...)

@@ -444,7 +444,7 @@ func TestHardenOverload(t *testing.T) {
 	for i := range pkts {
 		// Distinct 5-tuples: source port by pair, destination alternating.
 		src := netip.AddrPortFrom(netnstest.PodAddr4, uint16(1024+i/2))
-		d := craftUDP(src, netip.AddrPortFrom(dsts[i%2], ports[i/2%len(ports)]), []byte("overload"))
+		d := netnstest.UDPDatagram(src, netip.AddrPortFrom(dsts[i%2], ports[i/2%len(ports)]), []byte("overload"))
 		pkts[i] = append(craftIPv4(17, len(d), 5, 0, src.Addr(), dsts[i%2]), d...)
 	}
 	rs, err := newCraftSender(top)
@@ -1384,47 +1384,8 @@ func craftIPv4(proto byte, payloadLen, ihl int, frag uint16, src, dst netip.Addr
 	for i := 20; i < len(h); i++ {
 		h[i] = 1 // NOP options
 	}
-	binary.BigEndian.PutUint16(h[10:], craftSum(0, h))
+	binary.BigEndian.PutUint16(h[10:], netnstest.Checksum(0, h))
 	return h
-}
-
-// craftSum is the Internet checksum of b, starting from sum.
-func craftSum(sum uint32, b []byte) uint16 {
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
-}
-
-func craftUDP(src, dst netip.AddrPort, payload []byte) []byte {
-	u := make([]byte, 8, 8+len(payload))
-	binary.BigEndian.PutUint16(u[0:], src.Port())
-	binary.BigEndian.PutUint16(u[2:], dst.Port())
-	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
-	u = append(u, payload...)
-	pseudo := append(src.Addr().AsSlice(), dst.Addr().AsSlice()...)
-	if src.Addr().Is4() {
-		pseudo = append(pseudo, 0, 17, byte(len(u)>>8), byte(len(u)))
-	} else {
-		pseudo = binary.BigEndian.AppendUint32(pseudo, uint32(len(u)))
-		pseudo = append(pseudo, 0, 0, 0, 17)
-	}
-	var sum uint32
-	for i := 0; i+1 < len(pseudo); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(pseudo[i:]))
-	}
-	c := craftSum(sum, u)
-	if c == 0 {
-		c = 0xffff
-	}
-	binary.BigEndian.PutUint16(u[6:], c)
-	return u
 }
 
 func craftIPv6(nh byte, src, dst netip.Addr, parts ...[]byte) []byte {
@@ -1458,24 +1419,24 @@ func craftedCases() []crafted {
 	port := uint16(41000)
 	udp := func(src, dst netip.Addr, payload int) []byte {
 		port++
-		return craftUDP(netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 9100), make([]byte, payload))
+		return netnstest.UDPDatagram(netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 9100), make([]byte, payload))
 	}
 	v4 := func(ihl int, d []byte) []byte { return append(craftIPv4(17, len(d), ihl, 0, pod4, dst4), d...) }
 	set16 := func(b []byte, i int, v uint16) []byte { binary.BigEndian.PutUint16(b[i:], v); return b }
 	setByte := func(b []byte, i int, v byte) []byte { b[i] = v; return b }
 
 	// ICMP port unreachable quoting a datagram the remote sent to the pod.
-	quote := append(craftIPv4(17, 8, 5, 0, dst4, pod4), craftUDP(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
+	quote := append(craftIPv4(17, 8, 5, 0, dst4, pod4), netnstest.UDPDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
 	icmpErr := append([]byte{3, 3, 0, 0, 0, 0, 0, 0}, quote...)
-	binary.BigEndian.PutUint16(icmpErr[2:], craftSum(0, icmpErr))
-	icmp6Err := append([]byte{1, 4, 0, 0, 0, 0, 0, 0}, craftIPv6(17, dst6, pod6, craftUDP(netip.AddrPortFrom(dst6, 9100), netip.AddrPortFrom(pod6, 39002), nil))...)
+	binary.BigEndian.PutUint16(icmpErr[2:], netnstest.Checksum(0, icmpErr))
+	icmp6Err := append([]byte{1, 4, 0, 0, 0, 0, 0, 0}, craftIPv6(17, dst6, pod6, netnstest.UDPDatagram(netip.AddrPortFrom(dst6, 9100), netip.AddrPortFrom(pod6, 39002), nil))...)
 	var pseudo6 uint32
 	for _, b := range [][]byte{pod6.AsSlice(), dst6.AsSlice(), {0, 0, byte(len(icmp6Err) >> 8), byte(len(icmp6Err)), 0, 0, 0, 58}} {
 		for i := 0; i < len(b); i += 2 {
 			pseudo6 += uint32(binary.BigEndian.Uint16(b[i:]))
 		}
 	}
-	binary.BigEndian.PutUint16(icmp6Err[2:], craftSum(pseudo6, icmp6Err))
+	binary.BigEndian.PutUint16(icmp6Err[2:], netnstest.Checksum(pseudo6, icmp6Err))
 
 	// An extension-header chain one longer than the decoder follows.
 	var chain [][]byte
@@ -1492,7 +1453,7 @@ func craftedCases() []crafted {
 	frag4b := append(craftIPv4(17, len(whole4)-16, 5, 16/8, pod4, dst4), whole4[16:]...)
 	copy(frag4b[4:6], frag4a[4:6]) // same IP ID
 	binary.BigEndian.PutUint16(frag4b[10:], 0)
-	binary.BigEndian.PutUint16(frag4b[10:], craftSum(0, frag4b[:20]))
+	binary.BigEndian.PutUint16(frag4b[10:], netnstest.Checksum(0, frag4b[:20]))
 	whole6 := udp(pod6, dst6, 40)
 	frag6a := craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 1, 0, 0, 0, 20}, whole6[:16])
 	frag6b := craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 16, 0, 0, 0, 20}, whole6[16:])
