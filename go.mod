@@ -3,7 +3,6 @@ module github.com/nfmasq/nfmasq
 go 1.26.8
 
 require (
-	github.com/florianl/go-nfqueue/v2 v2.1.0
 	github.com/fsnotify/fsnotify v1.10.1
 	github.com/gaissmai/bart v0.30.0
 	github.com/google/go-cmp v0.7.0

@@ -158,13 +158,15 @@ func cpuTime(tb testing.TB) time.Duration {
 // difference between dataplanes is what they add to a flow's first packet.
 func BenchmarkKernelFirstPacketRTT(b *testing.B) {
 	for _, mode := range []struct {
-		name    string
-		workers int
-		queue   bool
+		name     string
+		workers  int
+		queue    bool
+		busyPoll time.Duration
 	}{
-		{"no-queue", 0, false},
-		{"workers=0", 0, true},
-		{"workers=1", 1, true},
+		{"no-queue", 0, false, 0},
+		{"workers=0", 0, true, 0},
+		{"workers=0/busy-poll=50us", 0, true, 50 * time.Microsecond},
+		{"workers=1", 1, true, 0},
 	} {
 		b.Run(mode.name, func(b *testing.B) {
 			netnstest.Require(b, "iptables-restore")
@@ -181,6 +183,7 @@ func BenchmarkKernelFirstPacketRTT(b *testing.B) {
 			q, err := queue.New(queue.Config{
 				QueueNums: []uint16{queue4},
 				Workers:   mode.workers,
+				BusyPoll:  mode.busyPoll,
 				NetNS:     top.Node.FD(),
 				Marks:     kernelMarks,
 				Policy:    func() *nat.Policy { return pol },

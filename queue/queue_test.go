@@ -327,11 +327,11 @@ func TestHandleNeverLosesAVerdict(t *testing.T) {
 			want:         Stats{Packets: 1, Verdicts: 1, Panics: 1, Undecided: [NumOutcomes]uint64{Panicked: 1}},
 		},
 		{
-			name:         "verdict send panics twice: contained",
+			name:         "verdict send panics twice: contained and counted",
 			policy:       func() *nat.Policy { return pol },
 			verdicter:    &fakeVerdicter{panicN: 2},
 			wantVerdicts: nil,
-			want:         Stats{Packets: 1, Panics: 1, Undecided: [NumOutcomes]uint64{Panicked: 1}},
+			want:         Stats{Packets: 1, Panics: 1, VerdictErrors: 1, Undecided: [NumOutcomes]uint64{Panicked: 1}},
 		},
 		{
 			name:         "verdict send fails: counted",

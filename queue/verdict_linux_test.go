@@ -11,10 +11,10 @@ import (
 	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
-// TestRawVerdicterAllocs sends verdicts for a queue nobody bound, on a
+// TestVerdictWritersAllocs sends verdicts, one at a time and in batches, for a queue nobody bound, on a
 // socket in a namespace of its own: the kernel answers each with an error
 // message nobody reads, and the send path must not allocate.
-func TestRawVerdicterAllocs(t *testing.T) {
+func TestVerdictWritersAllocs(t *testing.T) {
 	netnstest.Require(t)
 	ns := netnstest.New(t, "verdict")
 	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: ns.FD()})
@@ -22,10 +22,11 @@ func TestRawVerdicterAllocs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	v, err := newRawVerdicter(c, 4242)
+	rc, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
+	v := newRawVerdicter(rc, 4242)
 	id := uint32(0)
 	allocs := testing.AllocsPerRun(100, func() {
 		id++
@@ -35,5 +36,20 @@ func TestRawVerdicterAllocs(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("verdict allocated %v times per call", allocs)
+	}
+
+	w := newRawWriter(rc)
+	vb := verdictBatch{num: 4242, buf: make([]byte, 0, maxBatch*verdictLen), write: w.write}
+	allocs = testing.AllocsPerRun(100, func() {
+		for range maxBatch {
+			id++
+			vb.add(id, 0x1000, id%2 == 0)
+		}
+		if err := vb.flush(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("a batch of %d verdicts allocated %v times", maxBatch, allocs)
 	}
 }

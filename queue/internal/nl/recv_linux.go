@@ -1,0 +1,99 @@
+package nl
+
+import (
+	"fmt"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Receiver reads up to one datagram per slot in a single system call
+// (recvmmsg) into fixed buffers: reading one message per call into fresh
+// memory, as mdlayher/netlink does, costs a system call and several
+// allocations per message.
+type Receiver struct {
+	rc   syscall.RawConn
+	msgs []unix.Mmsghdr
+	iovs []unix.Iovec
+	bufs [][]byte
+	// Results of the last system call, and the callbacks that make it
+	// (cached, so that a read does not allocate).
+	n        int
+	errno    syscall.Errno
+	readNow  func(fd uintptr) bool
+	readWait func(fd uintptr) bool
+}
+
+// NewReceiver reads rc (a non-blocking socket in the runtime's poller)
+// into slots buffers of slotSize bytes each. A datagram longer than
+// slotSize is cut short (Truncated).
+func NewReceiver(rc syscall.RawConn, slots, slotSize int) *Receiver {
+	r := &Receiver{
+		rc:   rc,
+		msgs: make([]unix.Mmsghdr, slots),
+		iovs: make([]unix.Iovec, slots),
+		bufs: make([][]byte, slots),
+	}
+	mem := make([]byte, slots*slotSize)
+	for i := range slots {
+		r.bufs[i] = mem[i*slotSize : (i+1)*slotSize : (i+1)*slotSize]
+		r.iovs[i].Base = &r.bufs[i][0]
+		r.iovs[i].SetLen(slotSize)
+		r.msgs[i].Hdr.Iov = &r.iovs[i]
+		r.msgs[i].Hdr.SetIovlen(1)
+	}
+	r.readNow = func(fd uintptr) bool {
+		r.recvmmsg(fd)
+		return true
+	}
+	r.readWait = func(fd uintptr) bool {
+		r.recvmmsg(fd)
+		return r.errno != unix.EAGAIN
+	}
+	return r
+}
+
+func (r *Receiver) recvmmsg(fd uintptr) {
+	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), unix.MSG_DONTWAIT, 0, 0)
+	r.n, r.errno = int(n), errno
+}
+
+// Read reads what is waiting, up to one datagram per slot. Without wait
+// it returns 0 when nothing is; with wait it sleeps in the runtime's
+// poller until something is. A closed socket is an error that matches
+// os.ErrClosed; a socket error (ENOBUFS: messages lost) is returned as
+// the syscall.Errno.
+func (r *Receiver) Read(wait bool) (int, error) {
+	fn := r.readNow
+	if wait {
+		fn = r.readWait
+	}
+	for {
+		if err := r.rc.Read(fn); err != nil {
+			// The runtime reports a closed descriptor with an error
+			// of its own (internal/poll's ErrFileClosing).
+			return 0, fmt.Errorf("%w: %w", os.ErrClosed, err)
+		}
+		switch r.errno {
+		case 0:
+			return r.n, nil
+		case unix.EINTR:
+		case unix.EAGAIN:
+			return 0, nil
+		default:
+			return 0, r.errno
+		}
+	}
+}
+
+// Datagram returns the bytes of datagram i of the last Read.
+func (r *Receiver) Datagram(i int) []byte {
+	return r.bufs[i][:min(int(r.msgs[i].Len), len(r.bufs[i]))]
+}
+
+// Truncated reports whether datagram i of the last Read was cut short.
+func (r *Receiver) Truncated(i int) bool {
+	return r.msgs[i].Hdr.Flags&unix.MSG_TRUNC != 0
+}
