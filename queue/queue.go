@@ -29,8 +29,6 @@ const (
 	// DefaultDrainTimeout bounds how long Run waits for packets already
 	// queued when it stops.
 	DefaultDrainTimeout = 2 * time.Second
-	// DefaultBusyPoll is the agent's default Config.BusyPoll.
-	DefaultBusyPoll = 50 * time.Microsecond
 )
 
 // Marks are the packet-mark bits a verdict writes. Only bits inside Mask

@@ -50,7 +50,7 @@ func (b *bench) start(ctx context.Context, name, cfgPath string, nonMasq []netip
 		}
 		return &running{name: name}, nil
 	case Agent:
-		a, err := b.startAgent(ctx, cfgPath)
+		a, err := b.startAgent(ctx, cfgPath, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -75,7 +75,9 @@ func (b *bench) stop(ctx context.Context, r *running) error {
 
 var agentSeq int
 
-func (b *bench) startAgent(ctx context.Context, cfgPath string) (*agentProc, error) {
+// startAgent starts `nfmasq agent` in the node with the benchmark's agent
+// flags, then extra.
+func (b *bench) startAgent(ctx context.Context, cfgPath string, extra []string) (*agentProc, error) {
 	agentSeq++
 	dir := filepath.Join(b.opts.tmp, fmt.Sprintf("agent-%d", agentSeq))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -90,6 +92,7 @@ func (b *bench) startAgent(ctx context.Context, cfgPath string) (*agentProc, err
 		"--iptables-backend", backendFlag(b.backend),
 	}
 	args = append(args, b.opts.agentArgs...)
+	args = append(args, extra...)
 	logPath := filepath.Join(dir, "agent.log")
 	logf, err := os.Create(logPath)
 	if err != nil {

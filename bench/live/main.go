@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -52,6 +53,8 @@ type options struct {
 	reloadCIDRs  int
 	reloadRate   float64
 	reloadReps   int
+	cpuRates     []float64
+	pollReps     int
 	seed         uint64
 	dst          netip.Addr
 	tmp          string
@@ -77,6 +80,8 @@ var shortPreset = map[string]string{
 	"reload-cidrs":  "10000",
 	"reload-rate":   "1000",
 	"reload-reps":   "1",
+	"cpu-rates":     "0,1000",
+	"poll-reps":     "1",
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -121,6 +126,8 @@ the markdown report from one.
 	fs.IntVar(&o.reloadCIDRs, "reload-cidrs", 100000, "CIDRs in the config the agent reloads (0: skip the reload measurement)")
 	fs.Float64Var(&o.reloadRate, "reload-rate", 2000, "new flows/s sent while the agent reloads")
 	fs.IntVar(&o.reloadReps, "reload-reps", 3, "reload measurements")
+	cpuRates := fs.String("cpu-rates", "0,1000,10000,50000", "steady new-flow rates at which the agent's CPU is measured, with and without busy polling")
+	fs.IntVar(&o.pollReps, "poll-reps", 3, "repetitions of the busy-polling comparison (0: skip it)")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the generated CIDR lists")
 	dst := fs.String("dst", "11.0.0.10", "destination of the test flows (in the remote namespace; must be masqueraded)")
 	fs.StringVar(&o.tmp, "tmp", "", "working directory for configs, agent logs and flow logs (default: a new temporary one)")
@@ -152,6 +159,9 @@ the markdown report from one.
 		}
 		o.dataplanes = append(o.dataplanes, d)
 	}
+	if o.cpuRates, err = parseRates(*cpuRates); err != nil {
+		return o, fmt.Errorf("-cpu-rates: %w", err)
+	}
 	o.agentArgs = strings.Fields(*agentArgs)
 	if o.marks, err = agentMarks(o.agentArgs); err != nil {
 		return o, fmt.Errorf("-agent-args: %w", err)
@@ -178,6 +188,19 @@ func agentMarks(args []string) (rules.Marks, error) {
 		}
 	}
 	return rules.DefaultMarks, nil
+}
+
+// parseRates parses comma-separated non-negative rates.
+func parseRates(s string) ([]float64, error) {
+	var out []float64
+	for _, f := range strings.Split(s, ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || v < 0 || math.IsInf(v, 0) {
+			return nil, fmt.Errorf("bad rate %q", f)
+		}
+		out = append(out, v)
+	}
+	return out, nil
 }
 
 func parseInts(s string) ([]int, error) {

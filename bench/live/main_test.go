@@ -38,6 +38,10 @@ func TestParseFlags(t *testing.T) {
 		{"bad count", []string{"-cidrs", "11,zero"}, nil, true},
 		{"IPv6 destination", []string{"-dst", "2001:db8::1"}, nil, true},
 		{"stray argument", []string{"run"}, nil, true},
+		{"cpu rates", []string{"-cpu-rates", "0, 1000,2.5e4"}, func(o options) bool { return slices.Equal(o.cpuRates, []float64{0, 1000, 25000}) }, false},
+		{"short cpu rates", []string{"-short"}, func(o options) bool { return slices.Equal(o.cpuRates, []float64{0, 1000}) && o.pollReps == 1 }, false},
+		{"negative cpu rate", []string{"-cpu-rates", "-5"}, nil, true},
+		{"bad cpu rate", []string{"-cpu-rates", "fast"}, nil, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -23,6 +23,8 @@ type burst struct {
 	maxDur  time.Duration
 	stop    *atomic.Bool
 	started chan<- struct{}
+	// even spaces the flows equally instead of in small bursts.
+	even bool
 }
 
 // trial sends one burst of new flows through the dataplane and accounts
@@ -43,7 +45,7 @@ func (b *bench) trial(ctx context.Context, r *running, p burst) (Trial, error) {
 	if p.started != nil {
 		close(p.started)
 	}
-	res, sendErr := b.sender.send(rate, n, p.maxDur, p.stop)
+	res, sendErr := b.sender.send(rate, n, p.maxDur, p.stop, p.even)
 	// Queued packets may still be waiting for verdicts: wait until the
 	// remote has seen nothing new for a while.
 	last, waitErr := clock.waitQuiet(ctx, 200*time.Millisecond, time.Now().Add(10*time.Second))

@@ -227,6 +227,10 @@ func summaryTables(r *Results) string {
 		}
 	}
 
+	if len(r.Polling) > 0 {
+		b.WriteString(pollingTable(r.Polling))
+	}
+
 	b.WriteString("\n### Spread over repetitions (min – max)\n\n")
 	b.WriteString("On a shared machine one repetition can be far off; the medians above resist that, this shows how far.\n\n")
 	b.WriteString("| CIDRs | dataplane | reps | sustained flows/s | TCP Gbit/s | connect p50 µs | connect p99 µs |\n|---:|---|---:|---:|---:|---:|---:|\n")
@@ -375,3 +379,69 @@ the chain's worst case.
   Every flow sent meanwhile must arrive with no undecided flow.
 
 `
+
+// pollingTable compares the agent with and without busy polling: medians
+// over repetitions of its CPU use at each steady rate and of its connect
+// times.
+func pollingTable(ps []PollSample) string {
+	var b strings.Builder
+	var rates []float64
+	var variants []string
+	for _, p := range ps {
+		if !slices.Contains(variants, p.Variant) {
+			variants = append(variants, p.Variant)
+		}
+		for _, c := range p.CPU {
+			if !slices.Contains(rates, c.Rate) {
+				rates = append(rates, c.Rate)
+			}
+		}
+	}
+	slices.Sort(rates)
+	b.WriteString("\n### Busy polling: the agent's CPU and connect time (11 CIDRs)\n\n")
+	b.WriteString("CPU is the agent process's CPU time per second of wall time (1.00 is one core) while new flows arrive evenly spaced " +
+		"at a steady rate (the sender spins between flows on its own core); connect times as above. " +
+		"A polling reader catches the next packet without being woken, and pays in CPU when the gaps between flows are shorter than its window.\n\n")
+	b.WriteString("| agent |")
+	for _, rt := range rates {
+		if rt == 0 {
+			b.WriteString(" CPU idle |")
+		} else {
+			fmt.Fprintf(&b, " CPU at %s/s |", rate(rt))
+		}
+	}
+	b.WriteString(" connect p50 µs | connect p99 µs |\n|---|")
+	b.WriteString(strings.Repeat("---:|", len(rates)+2) + "\n")
+	for _, v := range variants {
+		fmt.Fprintf(&b, "| %s |", v)
+		var c50, c99 []float64
+		for _, rt := range rates {
+			var cores []float64
+			failed := false
+			for _, p := range ps {
+				if p.Variant != v {
+					continue
+				}
+				for _, c := range p.CPU {
+					if c.Rate == rt {
+						cores = append(cores, c.Cores)
+						failed = failed || !c.Pass
+					}
+				}
+			}
+			mark := ""
+			if failed {
+				mark = " (a burst failed)"
+			}
+			fmt.Fprintf(&b, " %.3f%s |", median(cores), mark)
+		}
+		for _, p := range ps {
+			if p.Variant == v {
+				c50 = append(c50, p.Connect.P50)
+				c99 = append(c99, p.Connect.P99)
+			}
+		}
+		fmt.Fprintf(&b, " %.1f | %.1f |\n", median(c50), median(c99))
+	}
+	return b.String()
+}

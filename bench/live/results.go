@@ -19,13 +19,14 @@ var dataplanes = []string{Agent, Chain, IPSet}
 
 // Results is everything one run measured; the JSON file holds one.
 type Results struct {
-	Machine  Machine   `json:"machine"`
-	Command  string    `json:"command"`
-	Started  time.Time `json:"started"`
-	Seconds  float64   `json:"seconds"`
-	Settings Settings  `json:"settings"`
-	Samples  []Sample  `json:"samples"`
-	Reloads  []Reload  `json:"reloads"`
+	Machine  Machine      `json:"machine"`
+	Command  string       `json:"command"`
+	Started  time.Time    `json:"started"`
+	Seconds  float64      `json:"seconds"`
+	Settings Settings     `json:"settings"`
+	Samples  []Sample     `json:"samples"`
+	Reloads  []Reload     `json:"reloads"`
+	Polling  []PollSample `json:"polling"`
 }
 
 // Machine describes where the numbers come from.
@@ -157,6 +158,25 @@ type Reload struct {
 	ToCIDRs   int     `json:"toCIDRs"`
 	Seconds   float64 `json:"seconds"` // file renamed into place → generation metric moved
 	Load      Trial   `json:"load"`    // the flows sent meanwhile
+}
+
+// PollSample is the agent measured once in one busy-polling
+// configuration: its CPU time at steady rates and its connect times.
+type PollSample struct {
+	Variant string   `json:"variant"`
+	Flags   []string `json:"flags"` // added to the benchmark's agent flags
+	Rep     int      `json:"rep"`
+	CPU     []CPUAt  `json:"cpu"`
+	Connect Connect  `json:"connect"`
+}
+
+// CPUAt is the agent's CPU time while new flows arrive at a steady rate.
+type CPUAt struct {
+	Rate    float64 `json:"rate"`    // new flows/s offered (0: idle)
+	Seconds float64 `json:"seconds"` // wall time measured
+	Cores   float64 `json:"cores"`   // CPU seconds per second: 1 is one core busy
+	Pass    bool    `json:"pass"`    // every flow arrived and was decided
+	Why     string  `json:"why,omitempty"`
 }
 
 // connectStats summarises connect times.

@@ -188,3 +188,21 @@ func TestThousands(t *testing.T) {
 		}
 	}
 }
+
+func TestPollingTable(t *testing.T) {
+	ps := []PollSample{
+		{Variant: "benchmarked flags", Rep: 0, CPU: []CPUAt{{Rate: 0, Cores: 0, Pass: true}, {Rate: 1000, Cores: 0.02, Pass: true}}, Connect: Connect{P50: 30, P99: 130}},
+		{Variant: "--busy-poll=50us", Rep: 0, CPU: []CPUAt{{Rate: 0, Cores: 0.001, Pass: true}, {Rate: 1000, Cores: 0.4, Pass: false}}, Connect: Connect{P50: 20, P99: 60}},
+		{Variant: "benchmarked flags", Rep: 1, CPU: []CPUAt{{Rate: 0, Cores: 0, Pass: true}, {Rate: 1000, Cores: 0.04, Pass: true}}, Connect: Connect{P50: 32, P99: 140}},
+	}
+	got := pollingTable(ps)
+	for _, want := range []string{
+		"| agent | CPU idle | CPU at 1.0k/s | connect p50 µs | connect p99 µs |",
+		"| benchmarked flags | 0.000 | 0.030 | 31.0 | 135.0 |",
+		"| --busy-poll=50us | 0.001 | 0.400 (a burst failed) | 20.0 | 60.0 |",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("table lacks %q:\n%s", want, got)
+		}
+	}
+}

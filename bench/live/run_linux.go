@@ -95,6 +95,27 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		}
 	}
 
+	if o.pollReps > 0 && slices.Contains(o.dataplanes, Agent) {
+		list, err := nonMasqueradeList(len(nat.DefaultNonMasqueradeCIDRs(true)), o.seed)
+		if err != nil {
+			return res, err
+		}
+		cfgPath, _, err := writeConfig(filepath.Join(o.tmp, "polling"), list)
+		if err != nil {
+			return res, err
+		}
+		for rep := 0; rep < o.pollReps; rep++ {
+			ps, err := b.pollCompare(ctx, rep, cfgPath)
+			res.Polling = append(res.Polling, ps...)
+			if err != nil {
+				return res, fmt.Errorf("busy-polling comparison: %w", err)
+			}
+			if err := saveNow(); err != nil {
+				return res, err
+			}
+		}
+	}
+
 	if o.reloadCIDRs > 0 && slices.Contains(o.dataplanes, Agent) {
 		small, err := nonMasqueradeList(len(nat.DefaultNonMasqueradeCIDRs(true)), o.seed)
 		if err != nil {

@@ -76,10 +76,15 @@ type sendResult struct {
 // sends what is due, then sleeps until about half a millisecond's worth is
 // due again: no busy wait, so a paced sender leaves the CPU to the
 // dataplane.
-func (s *flowSender) send(rate float64, n uint64, maxDur time.Duration, stop *atomic.Bool) (sendResult, error) {
+//
+// With even, flows leave one at a time at equal intervals instead: the
+// sender spins between flows (busy waiting on its own CPU), because a
+// dataplane's cost per flow can depend on the gaps between flows, and
+// sleeps only cover gaps of a millisecond or more.
+func (s *flowSender) send(rate float64, n uint64, maxDur time.Duration, stop *atomic.Bool, even bool) (sendResult, error) {
 	r := sendResult{start: time.Now()}
 	batch := uint64(1)
-	if rate > 0 {
+	if rate > 0 && !even {
 		batch = max(1, uint64(rate/2000))
 	}
 	var attempts uint64
@@ -108,7 +113,11 @@ func (s *flowSender) send(rate float64, n uint64, maxDur time.Duration, stop *at
 		}
 		if rate > 0 && attempts < n {
 			wake := r.start.Add(time.Duration(float64(attempts+batch) / rate * float64(time.Second)))
-			time.Sleep(time.Until(wake)) // pacing, not synchronisation
+			if !even || time.Until(wake) > time.Millisecond {
+				time.Sleep(time.Until(wake)) // pacing, not synchronisation
+			}
+			for even && time.Now().Before(wake) {
+			}
 		}
 	}
 	r.duration = time.Since(r.start)
