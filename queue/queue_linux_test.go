@@ -5,6 +5,7 @@ package queue_test
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -799,5 +800,91 @@ func TestKernelStartStopCycles(t *testing.T) {
 	}
 	if p := procStats(t, ns); len(p) != 0 {
 		t.Errorf("queues bound after the last stop: %+v", p)
+	}
+}
+
+// TestKernelBindUnderLoad binds the queue while new flows already stream
+// into its rule: packets arrive between the bind command and the
+// configuration that follows it, interleaved with the kernel's
+// acknowledgements. Every bind must succeed and answer packets. (With
+// go-nfqueue's bind the interleaving failed it: "mismatched sequence in
+// netlink reply".)
+func TestKernelBindUnderLoad(t *testing.T) {
+	netnstest.Require(t, "iptables-restore")
+	top := netnstest.NewTopology(t)
+	restore(t, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
+	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := newRawSender(top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rs.Close()
+
+	// A bounded stream of new flows (the rule has --queue-bypass: while
+	// no queue is bound they pass undecided).
+	stop := make(chan struct{})
+	sent := make(chan error, 1)
+	go func() {
+		const maxFlows, maxTime = 400000, 30 * time.Second
+		deadline := time.Now().Add(maxTime)
+		pkts := make([][]byte, 64)
+		for i := 0; i < maxFlows && time.Now().Before(deadline); i += len(pkts) {
+			select {
+			case <-stop:
+				sent <- nil
+				return
+			default:
+			}
+			for j := range pkts {
+				n := i + j
+				src := netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + n/60000)})
+				d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(1024+n%60000)), netip.AddrPortFrom(netnstest.Internet4, 9), []byte("bind"))
+				pkts[j] = append(ipv4Header(17, len(d), 5, 0, src, netnstest.Internet4), d...)
+			}
+			if err := rs.send(pkts...); err != nil && !errors.Is(err, unix.ENOBUFS) {
+				sent <- err
+				return
+			}
+		}
+		sent <- errors.New("the load ended before the binds did")
+	}()
+
+	for cycle := range 5 {
+		q, err := queue.New(queue.Config{
+			QueueNums: []uint16{queue4},
+			NetNS:     top.Node.FD(),
+			Marks:     kernelMarks,
+			Policy:    func() *nat.Policy { return pol },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- q.Run(ctx) }()
+		select {
+		case <-q.Ready():
+		case err := <-done:
+			cancel()
+			t.Fatalf("cycle %d: bind under load failed: %v", cycle, err)
+		case <-time.After(10 * time.Second):
+			cancel()
+			t.Fatalf("cycle %d: not bound after 10s", cycle)
+		}
+		waitUntil(t, 10*time.Second, "packets answered", func() bool { return q.Stats().Masquerade > 100 })
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("cycle %d: Run: %v", cycle, err)
+		}
+		if st := q.Stats(); st.VerdictErrors != 0 || st.NetlinkOther != 0 {
+			t.Errorf("cycle %d: stats %+v", cycle, st)
+		}
+	}
+	close(stop)
+	if err := <-sent; err != nil {
+		t.Fatal(err)
 	}
 }

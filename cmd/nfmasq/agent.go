@@ -237,10 +237,12 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	// The queue is bound before the rules send packets to it, so the
 	// first flows find someone listening rather than the bypass. A run
 	// that did not stop cleanly (kill -9, OOM) left its queue rule, and
-	// packets arriving while go-nfqueue configures the new binding
-	// interleave with its acknowledgements and fail the bind ("mismatched
-	// sequence in netlink reply"); so the rule set is first put in its
-	// stopped form, where the fallback decides every new flow.
+	// packets arriving while go-nfqueue (which the agent used until
+	// then) configured the new binding failed the bind ("mismatched
+	// sequence in netlink reply"). The queue's own bind now answers
+	// them (queue.TestKernelBindUnderLoad); the rule set is still first
+	// put in its stopped form, where the fallback decides every new flow,
+	// so that the restart sequence is the same whatever the kernel holds.
 	a.pauseQueue(ctx)
 	queueCtx, stopQueue := context.WithCancel(context.Background())
 	defer stopQueue()
