@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/mdlayher/netlink"
@@ -52,4 +53,34 @@ func DeleteStale(ctx context.Context, netns int, pred func(Flow) bool, protos []
 		deleted++
 	}
 	return deleted, nil
+}
+
+// fromCT copies the fields the flow log needs out of a decoded entry.
+func fromCT(f *ct.Flow) Flow {
+	out := Flow{
+		ID:     f.ID,
+		Proto:  f.TupleOrig.Proto.Protocol,
+		Orig:   tupleFromCT(f.TupleOrig),
+		Reply:  tupleFromCT(f.TupleReply),
+		Mark:   f.Mark,
+		Zone:   f.Zone,
+		Status: uint32(f.Status),
+		// With accounting on, every entry has seen its first packet.
+		Accounted:     f.CountersOrig.Packets != 0,
+		OrigCounters:  Counters{Packets: f.CountersOrig.Packets, Bytes: f.CountersOrig.Bytes},
+		ReplyCounters: Counters{Packets: f.CountersReply.Packets, Bytes: f.CountersReply.Bytes},
+		Start:         f.Timestamp.Start,
+		Stop:          f.Timestamp.Stop,
+	}
+	if p := f.TupleOrig.Proto; p.ICMPv4 || p.ICMPv6 {
+		out.ICMP = ICMP{Type: p.ICMPType, Code: p.ICMPCode, ID: p.ICMPID}
+	}
+	return out
+}
+
+func tupleFromCT(t ct.Tuple) Tuple {
+	return Tuple{
+		Src: netip.AddrPortFrom(t.IP.SourceAddress.Unmap(), t.Proto.SourcePort),
+		Dst: netip.AddrPortFrom(t.IP.DestinationAddress.Unmap(), t.Proto.DestinationPort),
+	}
 }

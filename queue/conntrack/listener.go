@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+
+	"github.com/nfmasq/nfmasq/queue/internal/nl"
 )
 
 // Defaults for Config fields left zero.
@@ -87,7 +89,9 @@ type Stats struct {
 	// report, until the reader has emptied the socket buffer: the number
 	// of events lost is unknown. Reliable avoids it for destroy events.
 	Overruns uint64
-	// DecodeErrors counts messages that did not decode as a conntrack event.
+	// DecodeErrors counts messages that did not decode as a conntrack
+	// event, and events longer than the reader's receive slot (cut
+	// short, so lost).
 	DecodeErrors uint64
 }
 
@@ -156,5 +160,26 @@ func (l *Listener) overrun() {
 	l.overruns.Add(1)
 	if l.cfg.OnOverrun != nil {
 		l.cfg.OnOverrun()
+	}
+}
+
+// receive decodes and delivers the events of one datagram on the reader
+// goroutine. Anything that is not a conntrack entry event is counted as a
+// decode error; updates are ignored.
+func (l *Listener) receive(dgram []byte) {
+	for len(dgram) > 0 {
+		msg, rest, ok := nl.NextMessage(dgram)
+		if !ok {
+			l.decodeErrors.Add(1)
+			return
+		}
+		dgram = rest
+		var ev Event
+		switch {
+		case !decodeEvent(msg, &ev):
+			l.decodeErrors.Add(1)
+		case ev.Type != 0:
+			l.deliver(ev)
+		}
 	}
 }
