@@ -44,17 +44,24 @@ func (o *latencyObserver) Decided(ev *queue.Event) {
 // receive-to-verdict latency. Sender and queue share the machine's cores,
 // as on a node. Run with an explicit count, e.g. -benchtime=20000x: every
 // flow leaves a conntrack entry behind for 30 s.
+//
+// mix=alternate sends every other flow to a passthrough destination, so
+// consecutive packets never share a verdict; mix=masquerade sends them
+// all to one masqueraded destination, so a batch of packets is answered
+// with one batch verdict.
 func BenchmarkKernelNewFlows(b *testing.B) {
 	for _, workers := range []int{0, 1, 2} {
 		for _, window := range []int{64, 256, 512} {
-			b.Run(fmt.Sprintf("workers=%d/window=%d", workers, window), func(b *testing.B) {
-				benchNewFlows(b, workers, window)
-			})
+			for _, mix := range []string{"alternate", "masquerade"} {
+				b.Run(fmt.Sprintf("workers=%d/window=%d/mix=%s", workers, window, mix), func(b *testing.B) {
+					benchNewFlows(b, workers, window, mix == "alternate")
+				})
+			}
 		}
 	}
 }
 
-func benchNewFlows(b *testing.B, workers, window int) {
+func benchNewFlows(b *testing.B, workers, window int, alternate bool) {
 	netnstest.Require(b, "iptables-restore", "ip6tables-restore")
 	top := netnstest.NewTopology(b)
 	restore(b, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
@@ -95,12 +102,12 @@ func benchNewFlows(b *testing.B, workers, window int) {
 	defer rs.Close()
 
 	// Distinct (source address, source port) pairs: every packet is the
-	// first of its flow. Half the flows go to a masqueraded address.
+	// first of its flow.
 	pkts := make([][]byte, b.N)
 	for i := range pkts {
 		src := netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + i/50000)})
 		dst := netnstest.Internet4
-		if i%2 == 1 {
+		if alternate && i%2 == 1 {
 			dst = netnstest.Internal4
 		}
 		d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(10000+i%50000)), netip.AddrPortFrom(dst, 9), []byte("bench"))

@@ -112,31 +112,37 @@ func (q *Queue) queueTotal(num uint16) (uint32, error) {
 // long as it stays open, so it is opened from a thread switched into netns
 // (0: the calling thread's own).
 func openProcStats(netns int) (*os.File, error) {
-	const path = "/proc/thread-self/net/netfilter/nfnetlink_queue"
+	var f *os.File
+	err := inNetNS(netns, func() error {
+		var err error
+		f, err = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
+		return err
+	})
+	return f, err
+}
+
+// inNetNS runs fn on a thread in network namespace netns (0: the caller's
+// own, on a locked thread). Sockets and proc/net files opened there stay
+// in that namespace.
+func inNetNS(netns int, fn func() error) error {
 	if netns == 0 {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
-		return os.Open(path)
+		return fn()
 	}
-	type result struct {
-		f   *os.File
-		err error
-	}
-	ch := make(chan result, 1)
+	done := make(chan error, 1)
 	go func() {
 		// The thread is never unlocked: the goroutine exits locked and
 		// the runtime discards the thread instead of reusing it in the
 		// wrong namespace.
 		runtime.LockOSThread()
 		if err := unix.Setns(netns, unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("setns: %w", err)}
+			done <- fmt.Errorf("setns: %w", err)
 			return
 		}
-		f, err := os.Open(path)
-		ch <- result{f, err}
+		done <- fn()
 	}()
-	r := <-ch
-	return r.f, r.err
+	return <-done
 }
 
 // binding is one bound queue number: its socket, the goroutine that reads
@@ -144,8 +150,7 @@ func openProcStats(netns int) (*os.File, error) {
 type binding struct {
 	q     *Queue
 	num   uint16
-	conn  *netlink.Conn
-	rc    syscall.RawConn
+	fd    int // a blocking netlink socket, outside the runtime's poller (nl.NewBlockingReceiver says why)
 	sc    *socketCounters
 	fatal chan<- error
 
@@ -204,37 +209,33 @@ const (
 
 func (q *Queue) bind(index int, fatal chan<- error) (*binding, error) {
 	num := q.cfg.QueueNums[index]
-	conn, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: q.cfg.NetNS})
+	fd, err := openNetlink(q.cfg.NetNS)
 	if err != nil {
 		return nil, fmt.Errorf("opening nfqueue %d: %w", num, err)
 	}
 	b := &binding{
-		q: q, num: num, conn: conn, sc: &q.sockets[index], fatal: fatal,
+		q: q, num: num, fd: fd, sc: &q.sockets[index], fatal: fatal,
 		loopDone: make(chan struct{}),
 		acks:     make(chan parsedMsg, 8),
 		poll:     busyPoll{max: q.cfg.BusyPoll},
 	}
 	if err := b.tuneSocket(); err != nil {
-		conn.Close()
+		unix.Close(fd)
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
-	}
-	if b.rc, err = conn.SyscallConn(); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("nfqueue %d: raw netlink socket: %w", num, err)
 	}
 	slotSize := nl.Align(int(q.cfg.CopyRange) + messageOverhead)
 	slots := max(1, min(maxBatch, maxBatchBytes/slotSize))
-	b.rx = nl.NewReceiver(b.rc, slots, slotSize)
+	b.rx = nl.NewBlockingReceiver(fd, slots, slotSize)
 	b.ins = make([]inbound, 0, slots)
 
 	// One verdict writer per deciding goroutine: each owns its buffer.
 	handlers := make([]*handler, max(1, q.cfg.Workers))
 	for w := range handlers {
-		handlers[w] = q.newHandler(index, w, newRawVerdicter(b.rc, num))
+		handlers[w] = q.newHandler(index, w, newRawVerdicter(fd, num))
 	}
 	if q.cfg.Workers == 0 {
 		b.inline = handlers[0]
-		w := newRawWriter(b.rc)
+		w := newRawWriter(fd)
 		b.batch = verdictBatch{num: num, buf: make([]byte, 0, slots*verdictLen), write: w.write}
 	} else {
 		b.jobs = make(chan job, workerBacklog)
@@ -280,21 +281,51 @@ func (q *Queue) bind(index int, fatal chan<- error) (*binding, error) {
 	return b, nil
 }
 
+// receiveTimeout bounds a sleeping read, so that the receive loop sees a
+// stop within it: a blocking netlink socket cannot be woken by closing it.
+const receiveTimeout = 100 * time.Millisecond
+
 // tuneSocket sizes the receive buffer (SO_RCVBUFFORCE as root, so above
-// rmem_max) and turns off ENOBUFS reports: with fail-open the kernel
-// accepts what does not fit, and Skipped counts it from the id gaps.
+// rmem_max), turns off ENOBUFS reports (with fail-open the kernel accepts
+// what does not fit, and Skipped counts it from the id gaps) and bounds
+// sleeping reads.
 func (b *binding) tuneSocket() error {
-	c := b.conn
-	if err := c.SetReadBuffer(b.q.cfg.ReadBuffer); err != nil {
-		return fmt.Errorf("setting the receive buffer to %d bytes: %w", b.q.cfg.ReadBuffer, err)
+	want := b.q.cfg.ReadBuffer
+	if err := unix.SetsockoptInt(b.fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, want); err != nil {
+		if err := unix.SetsockoptInt(b.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, want); err != nil {
+			return fmt.Errorf("setting the receive buffer to %d bytes: %w", want, err)
+		}
 	}
-	if got, err := c.ReadBuffer(); err == nil && got < b.q.cfg.ReadBuffer {
-		b.q.cfg.Logger.Warn("nfqueue receive buffer smaller than asked", "queue", b.num, "want", b.q.cfg.ReadBuffer, "got", got)
+	// The kernel reports twice what was set (its bookkeeping overhead).
+	if got, err := unix.GetsockoptInt(b.fd, unix.SOL_SOCKET, unix.SO_RCVBUF); err == nil && got/2 < want {
+		b.q.cfg.Logger.Warn("nfqueue receive buffer smaller than asked", "queue", b.num, "want", want, "got", got/2)
 	}
-	if err := c.SetOption(netlink.NoENOBUFS, true); err != nil {
+	if err := unix.SetsockoptInt(b.fd, unix.SOL_NETLINK, unix.NETLINK_NO_ENOBUFS, 1); err != nil {
 		return fmt.Errorf("setting NETLINK_NO_ENOBUFS: %w", err)
 	}
+	tv := unix.NsecToTimeval(receiveTimeout.Nanoseconds())
+	if err := unix.SetsockoptTimeval(b.fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+		return fmt.Errorf("setting the receive timeout: %w", err)
+	}
 	return nil
+}
+
+// openNetlink opens a blocking NETLINK_NETFILTER socket in network
+// namespace netns (0: the caller's own).
+func openNetlink(netns int) (int, error) {
+	var fd int
+	err := inNetNS(netns, func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER); err != nil {
+			return fmt.Errorf("netlink socket: %w", err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("binding the netlink socket: %w", err)
+		}
+		return nil
+	})
+	return fd, err
 }
 
 // request sends one NFQNL_MSG_CONFIG message per attribute set, in one
@@ -340,7 +371,7 @@ func (b *binding) request(wait bool, sets ...[]netlink.Attribute) error {
 		}
 		out = append(out, raw...)
 	}
-	if err := newRawWriter(b.rc).write(out); err != nil || !wait {
+	if err := newRawWriter(b.fd).write(out); err != nil || !wait {
 		return err
 	}
 	timeout := time.NewTimer(configTimeout)
@@ -369,7 +400,7 @@ func (b *binding) request(wait bool, sets ...[]netlink.Attribute) error {
 // answered, acknowledgements go to request, errors are counted.
 func (b *binding) loop() {
 	defer close(b.loopDone)
-	for {
+	for !b.stopping.Load() {
 		n, err := b.rx.Read(false)
 		if err == nil && n == 0 {
 			n, err = b.idle()
@@ -551,8 +582,8 @@ func (b *binding) drain(deadline time.Time) bool {
 // the queue with it) and waits for the workers.
 func (b *binding) close() {
 	b.stopping.Store(true)
-	_ = b.conn.Close()
-	<-b.loopDone
+	<-b.loopDone // within receiveTimeout
+	_ = unix.Close(b.fd)
 	b.stopWorkers()
 }
 
@@ -588,34 +619,16 @@ func transient(err error) bool {
 // rawWriter writes netlink messages to the kernel straight from the
 // caller's buffer, without allocating. Netlink writes to the kernel are
 // processed synchronously, message by message, and independently of each
-// other, so several writers may share a socket; each one is for a single
-// goroutine.
-type rawWriter struct {
-	rc  syscall.RawConn
-	buf []byte
-	err error
-	fn  func(fd uintptr) bool // cached, so that write does not allocate
-}
+// other, so several writers may share a socket.
+type rawWriter struct{ fd int }
 
-func newRawWriter(rc syscall.RawConn) *rawWriter {
-	w := &rawWriter{rc: rc}
-	w.fn = func(fd uintptr) bool {
-		// An unconnected netlink socket sends to the kernel (port 0).
-		_, w.err = unix.Write(int(fd), w.buf)
-		return w.err != unix.EAGAIN
-	}
-	return w
-}
+func newRawWriter(fd int) rawWriter { return rawWriter{fd: fd} }
 
-func (w *rawWriter) write(b []byte) error {
-	w.buf = b
-	defer func() { w.buf = nil }()
+func (w rawWriter) write(b []byte) error {
 	var err error
 	for range 3 {
-		if err = w.rc.Write(w.fn); err == nil {
-			err = w.err
-		}
-		if err == nil || !transient(err) {
+		// An unconnected netlink socket sends to the kernel (port 0).
+		if _, err = unix.Write(w.fd, b); err == nil || !transient(err) {
 			break
 		}
 	}
@@ -630,13 +643,13 @@ func (w *rawWriter) write(b []byte) error {
 // slices and a marshalled copy for each verdict. It serves the workers
 // (Workers > 0); the inline path batches instead.
 type rawVerdicter struct {
-	w   *rawWriter
+	w   rawWriter
 	num uint16
 	buf []byte
 }
 
-func newRawVerdicter(rc syscall.RawConn, num uint16) *rawVerdicter {
-	return &rawVerdicter{w: newRawWriter(rc), num: num, buf: make([]byte, 0, verdictLen)}
+func newRawVerdicter(fd int, num uint16) *rawVerdicter {
+	return &rawVerdicter{w: newRawWriter(fd), num: num, buf: make([]byte, 0, verdictLen)}
 }
 
 func (v *rawVerdicter) verdict(id, mark uint32, setMark bool) error {

@@ -561,6 +561,12 @@ func TestKernelCraftedPackets(t *testing.T) {
 			t.Errorf("%s: %d packets queued on queue %d, want only the sentinel flow's", c.name, got, num)
 		}
 	}
+	// A packet leaves the kernel when its verdict is written, and is
+	// counted as answered just after: wait for the counters to catch up.
+	waitUntil(t, 5*time.Second, "every packet counted as answered", func() bool {
+		st := env.q.Stats()
+		return st.Packets == st.Verdicts+st.VerdictErrors
+	})
 	st := env.q.Stats()
 	if st.Panics != 0 || st.VerdictErrors != 0 || st.Packets != st.Verdicts {
 		t.Errorf("stats after crafted packets: %+v", st)

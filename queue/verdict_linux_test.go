@@ -5,7 +5,6 @@ package queue
 import (
 	"testing"
 
-	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/nfmasq/nfmasq/queue/netnstest"
@@ -17,16 +16,12 @@ import (
 func TestVerdictWritersAllocs(t *testing.T) {
 	netnstest.Require(t)
 	ns := netnstest.New(t, "verdict")
-	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: ns.FD()})
+	fd, err := openNetlink(ns.FD())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := newRawVerdicter(rc, 4242)
+	defer unix.Close(fd)
+	v := newRawVerdicter(fd, 4242)
 	id := uint32(0)
 	allocs := testing.AllocsPerRun(100, func() {
 		id++
@@ -38,7 +33,7 @@ func TestVerdictWritersAllocs(t *testing.T) {
 		t.Errorf("verdict allocated %v times per call", allocs)
 	}
 
-	w := newRawWriter(rc)
+	w := newRawWriter(fd)
 	vb := verdictBatch{num: 4242, buf: make([]byte, 0, maxBatch*verdictLen), write: w.write}
 	allocs = testing.AllocsPerRun(100, func() {
 		for range maxBatch {

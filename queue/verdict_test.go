@@ -74,3 +74,87 @@ func TestAppendVerdictAllocs(t *testing.T) {
 		t.Errorf("appendVerdict allocated %v times", n)
 	}
 }
+
+// sentMsg is one verdict message as the kernel would read it.
+type sentMsg struct {
+	batch   bool
+	id      uint32
+	mark    uint32
+	setMark bool
+}
+
+func decodeVerdicts(t *testing.T, b []byte) []sentMsg {
+	t.Helper()
+	var out []sentMsg
+	for len(b) > 0 {
+		var m netlink.Message
+		if err := m.UnmarshalBinary(b); err != nil {
+			t.Fatalf("not a netlink message: %v", err)
+		}
+		b = b[m.Header.Length:]
+		s := sentMsg{batch: m.Header.Type == 3<<8|3}
+		if !s.batch && m.Header.Type != 3<<8|1 {
+			t.Fatalf("message type %#x", m.Header.Type)
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		ad.ByteOrder = binary.BigEndian
+		for ad.Next() {
+			switch ad.Type() {
+			case 2:
+				s.id = binary.BigEndian.Uint32(ad.Bytes()[4:])
+			case 3:
+				s.mark, s.setMark = ad.Uint32(), true
+			}
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// TestVerdictBatchRuns: consecutive packets with the same verdict and
+// mark go out as one batch verdict up to the run's last id; a run of one
+// is a plain verdict; the write carries them in packet order.
+func TestVerdictBatchRuns(t *testing.T) {
+	var written [][]byte
+	vb := verdictBatch{num: 7, write: func(b []byte) error {
+		written = append(written, append([]byte(nil), b...))
+		return nil
+	}}
+	adds := []sentVerdict{
+		{1, 0x1000, true}, {2, 0x1000, true}, {3, 0x1000, true}, // a run of three
+		{4, 0x2000, true},                      // a run of one
+		{5, 0x4000, false}, {6, 0x4000, false}, // unmarked: mark ignored
+		{7, 0x5000, true}, {8, 0x1000, true}, // a foreign bit: a different mark
+	}
+	for _, a := range adds {
+		vb.add(a.id, a.mark, a.setMark)
+	}
+	if err := vb.flush(); err != nil {
+		t.Fatal(err)
+	}
+	if len(written) != 1 {
+		t.Fatalf("%d writes, want 1", len(written))
+	}
+	got := decodeVerdicts(t, written[0])
+	want := []sentMsg{
+		{batch: true, id: 3, mark: 0x1000, setMark: true},
+		{id: 4, mark: 0x2000, setMark: true},
+		{batch: true, id: 6},
+		{id: 7, mark: 0x5000, setMark: true},
+		{id: 8, mark: 0x1000, setMark: true},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("messages %+v, want %+v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("message %d: %+v, want %+v", i, got[i], want[i])
+		}
+	}
+	if err := vb.flush(); err != nil || len(written) != 1 {
+		t.Errorf("an empty flush wrote (%d writes, %v)", len(written), err)
+	}
+}

@@ -14,7 +14,8 @@ import (
 // memory, as mdlayher/netlink does, costs a system call and several
 // allocations per message.
 type Receiver struct {
-	rc   syscall.RawConn
+	rc   syscall.RawConn // nil for a blocking socket read directly
+	fd   int
 	msgs []unix.Mmsghdr
 	iovs []unix.Iovec
 	bufs [][]byte
@@ -55,8 +56,29 @@ func NewReceiver(rc syscall.RawConn, slots, slotSize int) *Receiver {
 	return r
 }
 
+// NewBlockingReceiver reads fd, a blocking socket outside the runtime's
+// poller, into slots buffers of slotSize bytes each. A waiting Read sleeps
+// in the kernel until a datagram arrives or the socket's receive timeout
+// (SO_RCVTIMEO) passes. The caller closes fd, after its last Read.
+//
+// A socket in the runtime's poller has an epoll entry on its wait queue,
+// so every message the kernel queues on it runs epoll's callback, and
+// wakes the poller's thread if it sleeps, whether or not anyone waits for
+// this socket: on NFQUEUE that cost lands in the sending pod's own system
+// call, once per new flow. A blocking socket wakes only a reader that
+// sleeps on it.
+func NewBlockingReceiver(fd, slots, slotSize int) *Receiver {
+	r := NewReceiver(nil, slots, slotSize)
+	r.fd = fd
+	return r
+}
+
 func (r *Receiver) recvmmsg(fd uintptr) {
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), unix.MSG_DONTWAIT, 0, 0)
+	r.recvmmsgFlags(fd, unix.MSG_DONTWAIT)
+}
+
+func (r *Receiver) recvmmsgFlags(fd uintptr, flags int) {
+	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), uintptr(flags), 0, 0)
 	r.n, r.errno = int(n), errno
 }
 
@@ -66,6 +88,9 @@ func (r *Receiver) recvmmsg(fd uintptr) {
 // os.ErrClosed; a socket error (ENOBUFS: messages lost) is returned as
 // the syscall.Errno.
 func (r *Receiver) Read(wait bool) (int, error) {
+	if r.rc == nil {
+		return r.readBlocking(wait)
+	}
 	fn := r.readNow
 	if wait {
 		fn = r.readWait
@@ -82,6 +107,28 @@ func (r *Receiver) Read(wait bool) (int, error) {
 		case unix.EINTR:
 		case unix.EAGAIN:
 			return 0, nil
+		default:
+			return 0, r.errno
+		}
+	}
+}
+
+func (r *Receiver) readBlocking(wait bool) (int, error) {
+	flags := unix.MSG_DONTWAIT
+	if wait {
+		// Sleep until one datagram is there, then take what else is.
+		flags = unix.MSG_WAITFORONE
+	}
+	for {
+		r.recvmmsgFlags(uintptr(r.fd), flags)
+		switch r.errno {
+		case 0:
+			return r.n, nil
+		case unix.EINTR:
+		case unix.EAGAIN: // nothing waiting, or the receive timeout passed
+			return 0, nil
+		case unix.EBADF:
+			return 0, fmt.Errorf("%w: %w", os.ErrClosed, r.errno)
 		default:
 			return 0, r.errno
 		}
