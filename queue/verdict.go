@@ -6,16 +6,16 @@ import "encoding/binary"
 // (linux/netlink.h, linux/netfilter/nfnetlink_queue.h). They are plain
 // numbers, kept here so that the encoding is testable on any platform.
 const (
-	nlmsgHdrLen      = 16
-	nlmFRequest      = 0x1
-	nfqnlMsgVerdict  = 1
+	nlmsgHdrLen     = 16
+	nlmFRequest     = 0x1
+	nfqnlMsgVerdict = 1
 	// nfqnlMsgVerdictBatch applies one verdict (and mark) to every packet
 	// of the queue up to the given id.
 	nfqnlMsgVerdictBatch = 3
-	nfqaVerdictHdr   = 2
-	nfqaMark         = 3
-	nfAccept         = 1
-	subsysQueueShift = 3 << 8 // NFNL_SUBSYS_QUEUE in the message type's high byte
+	nfqaVerdictHdr       = 2
+	nfqaMark             = 3
+	nfAccept             = 1
+	subsysQueueShift     = 3 << 8 // NFNL_SUBSYS_QUEUE in the message type's high byte
 	// verdictLen is the longest message appendVerdict writes.
 	verdictLen = nlmsgHdrLen + 4 + 12 + 8
 )

@@ -364,7 +364,10 @@ the chain's worst case.
   one core's; the agent's verdicts re-inject packets in the agent's own
   system calls, on whichever core the agent runs. When a kernel-only
   burst fails only because "the sender reached N of M flows/s", N is that
-  core's capacity.
+  core's capacity. With the agent, the kernel's NFQUEUE enqueue (building
+  the netlink message, queueing it, waking the reader) also runs inside
+  the sender's ` + "`sendto`" + `: "the sender reached N" in an agent burst is the
+  pod's own first-packet path at its limit.
 - **Established TCP**: bulk transfers pod → remote on one connection each,
   rate measured by the receiver; the best transfer counts (interference
   only slows a transfer down).
