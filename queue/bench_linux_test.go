@@ -198,14 +198,8 @@ func BenchmarkKernelFirstPacketRTT(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- q.Run(ctx) }()
-			defer func() {
-				cancel()
-				<-done
-			}()
-			<-q.Ready()
+			stop := startQueue(b, q)
+			defer stop()
 			sink, err := netnstest.StartSink(top.Remote, []netip.Addr{netnstest.Internet4}, 9600)
 			if err != nil {
 				b.Fatal(err)

@@ -142,6 +142,29 @@ func newKernelEnv(t *testing.T, workers int, tune ...func(*queue.Config)) *kerne
 	return env
 }
 
+// startQueue runs q until the returned stop is called, after it is bound
+// (failing tb if Run returns first or binding takes over 10 s). stop
+// cancels Run and returns its error.
+func startQueue(tb testing.TB, q *queue.Queue) (stop func() error) {
+	tb.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- q.Run(ctx) }()
+	select {
+	case <-q.Ready():
+	case err := <-done:
+		cancel()
+		tb.Fatalf("Run returned before binding: %v", err)
+	case <-time.After(10 * time.Second):
+		cancel()
+		tb.Fatal("queues not bound after 10s")
+	}
+	return func() error {
+		cancel()
+		return <-done
+	}
+}
+
 // procStats reads the node's nfnetlink_queue counters, from the test's
 // side rather than through the Queue.
 func procStats(t *testing.T, ns *netnstest.NS) map[uint16]queue.ProcStats {
@@ -778,19 +801,11 @@ func TestKernelStartStopCycles(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- q.Run(ctx) }()
-		select {
-		case <-q.Ready():
-		case err := <-done:
-			t.Fatalf("Run: %v", err)
-		}
+		stop := startQueue(t, q)
 		if p, err := q.ProcStats(); err != nil || len(p) != 2 {
 			t.Fatalf("ProcStats while running: %+v, %v", p, err)
 		}
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Fatalf("Run: %v", err)
 		}
 	}
@@ -868,21 +883,9 @@ func TestKernelBindUnderLoad(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- q.Run(ctx) }()
-		select {
-		case <-q.Ready():
-		case err := <-done:
-			cancel()
-			t.Fatalf("cycle %d: bind under load failed: %v", cycle, err)
-		case <-time.After(10 * time.Second):
-			cancel()
-			t.Fatalf("cycle %d: not bound after 10s", cycle)
-		}
+		stop := startQueue(t, q) // fails the test if the bind under load fails
 		waitUntil(t, 10*time.Second, "packets answered", func() bool { return q.Stats().Masquerade > 100 })
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Fatalf("cycle %d: Run: %v", cycle, err)
 		}
 		if st := q.Stats(); st.VerdictErrors != 0 || st.NetlinkOther != 0 {
