@@ -96,7 +96,16 @@ type Logger struct {
 	node    string
 	sample  uint64
 	limiter *rate.Limiter
-	ch      chan Record
+
+	// Records wait in pending, appended under bufMu, until the writer
+	// swaps the whole slice for an empty one: a producer pays a lock
+	// held for one copy, not a channel operation per record, and the
+	// writer touches the lock once per batch. wake (capacity 1) tells an
+	// idle writer that pending is no longer empty.
+	bufMu   sync.Mutex
+	pending []Record
+	limit   int // most records pending
+	wake    chan struct{}
 
 	// mu orders Log against Close: Log holds it shared while it sends, so
 	// once Close holds it exclusively no record can slip into the buffer
@@ -128,8 +137,9 @@ type w struct {
 	linger       time.Duration
 	closeTimeout time.Duration
 
-	buf  []byte
-	ends []lineEnd
+	buf   []byte
+	ends  []lineEnd
+	spare []Record // the pending slice of the last swap, emptied
 	// partial is set when a failed write left half a line in the sink; the
 	// next write starts with a newline so the following records parse.
 	partial bool
@@ -181,7 +191,8 @@ func New(opts Options) (*Logger, error) {
 	if opts.Ceiling > 0 {
 		l.limiter = rate.NewLimiter(rate.Limit(opts.Ceiling), opts.Ceiling)
 	}
-	l.ch = make(chan Record, orDefault(opts.Buffer, DefaultBuffer))
+	l.limit = orDefault(opts.Buffer, DefaultBuffer)
+	l.wake = make(chan struct{}, 1)
 	l.w.buf = make([]byte, 1, batchBytes+4096)
 	l.w.clean = time.Now()
 	l.stop = make(chan struct{})
@@ -197,9 +208,10 @@ func orDefault[T int | time.Duration](v, def T) T {
 	return v
 }
 
-// Log queues r for writing and returns at once. It never blocks and does
-// not allocate: when the record is sampled out, over the ceiling or finds
-// the buffer full, it is counted as dropped instead. Records of kind
+// Log queues r for writing and returns at once. It never blocks, and does
+// not allocate once the buffer has grown to its working size: when the
+// record is sampled out, over the ceiling or finds the buffer full, it is
+// counted as dropped instead. Records of kind
 // KindGap or of unknown kinds are ignored: gap records are the Logger's own.
 func (l *Logger) Log(r Record) {
 	if l.off || r.Kind >= KindGap {
@@ -225,12 +237,33 @@ func (l *Logger) Log(r Record) {
 		l.dropped[ReasonClosed][r.Kind].Add(1)
 		return
 	}
-	select {
-	case l.ch <- r:
-	default:
-		l.dropped[ReasonOverflow][r.Kind].Add(1)
+	l.bufMu.Lock()
+	n := len(l.pending)
+	if n < l.limit {
+		l.pending = append(l.pending, r)
 	}
+	l.bufMu.Unlock()
 	l.mu.RUnlock()
+	switch {
+	case n == l.limit:
+		l.dropped[ReasonOverflow][r.Kind].Add(1)
+	case n == 0:
+		// The first pending record: wake the writer if it sleeps. While
+		// it lingers, it drains on its timer and this token waits.
+		select {
+		case l.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// take swaps the pending records for spare (emptied) and returns them.
+func (l *Logger) take(spare []Record) []Record {
+	l.bufMu.Lock()
+	recs := l.pending
+	l.pending = spare[:0]
+	l.bufMu.Unlock()
+	return recs
 }
 
 // ReportLost counts n records of kind k lost elsewhere for reason r (the
@@ -259,7 +292,9 @@ func (l *Logger) Stats() Stats {
 	if p := l.lastErr.Load(); p != nil {
 		s.LastWriteError = *p
 	}
-	s.Buffered = len(l.ch)
+	l.bufMu.Lock()
+	s.Buffered = len(l.pending)
+	l.bufMu.Unlock()
 	return s
 }
 
@@ -285,17 +320,13 @@ func (l *Logger) Close() error {
 				l.closeErr = l.w.closer.Close()
 			}
 		case <-timer.C:
-			n := 0
-			for {
-				select {
-				case r := <-l.ch:
-					l.dropped[ReasonClosed][r.Kind].Add(1)
-					n++
-					continue
-				default:
-				}
-				break
+			// The writer is stuck in the sink; what it has not taken
+			// is lost.
+			recs := l.take(nil)
+			for i := range recs {
+				l.dropped[ReasonClosed][recs[i].Kind].Add(1)
 			}
+			n := len(recs)
 			l.closeErr = fmt.Errorf("flow log sink did not drain in %v: %d buffered records dropped", l.w.closeTimeout, n)
 		}
 	})
@@ -314,15 +345,15 @@ func (l *Logger) run() {
 	// agent has no periodic wake-ups.
 	linger := time.NewTimer(0)
 	<-linger.C
-	var drain <-chan time.Time // nil: idle, block on the buffer
+	var drain <-chan time.Time // nil: idle, wait for a wake-up
 	for {
-		var in <-chan Record
+		var wake <-chan struct{}
 		if drain == nil {
-			in = l.ch
+			wake = l.wake
 		}
 		select {
-		case r := <-in:
-			l.writeBatch(r)
+		case <-wake:
+			l.drainAll()
 			linger.Reset(l.w.linger)
 			drain = linger.C
 		case <-drain:
@@ -343,36 +374,27 @@ func (l *Logger) run() {
 	}
 }
 
-// drainAll writes everything buffered and reports whether there was
-// anything.
+// drainAll writes every pending record, in writes of about batchBytes,
+// and reports whether there was any.
 func (l *Logger) drainAll() bool {
-	wrote := false
-	for {
-		select {
-		case r := <-l.ch:
-			l.writeBatch(r)
-			wrote = true
-		default:
-			return wrote
+	recs := l.take(l.w.spare)
+	for i := range recs {
+		l.add(&recs[i])
+		if len(l.w.buf) >= batchBytes {
+			l.flush()
 		}
 	}
-}
-
-// writeBatch encodes first and whatever else is already buffered, up to
-// batchBytes, writes it in one call, then reports any loss.
-func (l *Logger) writeBatch(first Record) {
-	l.add(&first)
-	for len(l.w.buf) < batchBytes {
-		select {
-		case r := <-l.ch:
-			l.add(&r)
-			continue
-		default:
-		}
-		break
+	if len(l.w.ends) > 0 {
+		l.flush()
 	}
-	l.flush()
-	l.writeGap()
+	if len(recs) > 0 {
+		l.writeGap()
+	}
+	// Keep the slice for the next swap, without holding on to the
+	// records' strings.
+	clear(recs)
+	l.w.spare = recs[:0]
+	return len(recs) > 0
 }
 
 func (l *Logger) add(r *Record) {
