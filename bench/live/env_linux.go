@@ -120,11 +120,11 @@ func (b *bench) logf(format string, args ...any) {
 
 // counters is a snapshot of everything a trial compares before and after.
 type counters struct {
-	masq, pod, all        uint64 // arrivals at the remote, by source
-	fallback              uint64
-	queueDrop, userDrop   uint64
-	skipped, agentUndec   float64
-	flowRecords, flowDrop float64
+	masq, pod, all      uint64 // arrivals at the remote, by source
+	fallback            uint64
+	queueDrop, userDrop uint64
+	skipped, agentUndec float64
+	decisions, flowDrop float64 // flow-log decision records written; records dropped
 }
 
 // snapshot reads the counters. agent says whether the agent's rules and
@@ -157,7 +157,7 @@ func (b *bench) snapshot(ctx context.Context, agent bool) (counters, error) {
 	}
 	c.skipped, _ = metricSum(m, "nfmasq_queue_skipped_total")
 	c.agentUndec, _ = metricSum(m, "nfmasq_undecided_total")
-	c.flowRecords, _ = metricSum(m, "nfmasq_flowlog_records_total")
+	c.decisions, _ = metricSum(m, "nfmasq_flowlog_records_total", `kind="decision"`)
 	c.flowDrop, _ = metricSum(m, "nfmasq_flowlog_dropped_total")
 	return c, nil
 }

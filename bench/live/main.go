@@ -61,6 +61,7 @@ type options struct {
 	pdeathsig    bool
 	keepTmp      bool
 	marks        rules.Marks // the agent's, from --mark-mask in agentArgs
+	flowLogOff   bool        // agentArgs turn the flow log off: no decision records to count
 }
 
 // shortPreset is -short: one CIDR count, one repetition, tiny bursts. It
@@ -166,6 +167,9 @@ the markdown report from one.
 	if o.marks, err = agentMarks(o.agentArgs); err != nil {
 		return o, fmt.Errorf("-agent-args: %w", err)
 	}
+	if v, ok := flagValue(o.agentArgs, "--flow-log"); ok && v == "off" {
+		o.flowLogOff = true
+	}
 	if o.dst, err = netip.ParseAddr(*dst); err != nil || !o.dst.Is4() {
 		return o, fmt.Errorf("-dst %q: want an IPv4 address", *dst)
 	}
@@ -178,16 +182,23 @@ the markdown report from one.
 // agentMarks returns the marks the agent will use: rules.DefaultMarks, or
 // those of a --mark-mask among its flags.
 func agentMarks(args []string) (rules.Marks, error) {
-	for i, a := range args {
-		v, ok := strings.CutPrefix(a, "--mark-mask=")
-		if a == "--mark-mask" && i+1 < len(args) {
-			v, ok = args[i+1], true
-		}
-		if ok {
-			return rules.ParseMarkMask(v)
-		}
+	if v, ok := flagValue(args, "--mark-mask"); ok {
+		return rules.ParseMarkMask(v)
 	}
 	return rules.DefaultMarks, nil
+}
+
+// flagValue returns the last value given to the long flag name in args
+// ("--name value" or "--name=value"), as the agent's flag parsing would.
+func flagValue(args []string, name string) (v string, found bool) {
+	for i, a := range args {
+		if s, ok := strings.CutPrefix(a, name+"="); ok {
+			v, found = s, true
+		} else if a == name && i+1 < len(args) {
+			v, found = args[i+1], true
+		}
+	}
+	return v, found
 }
 
 // parseRates parses comma-separated non-negative rates.

@@ -31,6 +31,8 @@ func TestParseFlags(t *testing.T) {
 			return o.marks.Mask == 0x300 && o.marks.Fallback == 0x300 && o.marks.Masquerade == 0x100
 		}, false},
 		{"agent mark mask with =", []string{"-agent-args", "--mark-mask=0x600"}, func(o options) bool { return o.marks.Fallback == 0x600 }, false},
+		{"flow log off", []string{"-agent-args", "--flow-log=file:/x --flow-log off"}, func(o options) bool { return o.flowLogOff }, false},
+		{"flow log on", []string{"-agent-args", "--flow-log off --flow-log=file:/x"}, func(o options) bool { return !o.flowLogOff }, false},
 		{"default marks", nil, func(o options) bool { return o.marks == rules.DefaultMarks }, false},
 		{"bad agent mark mask", []string{"-agent-args", "--mark-mask 0x1"}, nil, true},
 		{"one dataplane", []string{"-dataplanes", "ipset"}, func(o options) bool { return slices.Equal(o.dataplanes, []string{IPSet}) }, false},

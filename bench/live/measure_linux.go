@@ -81,6 +81,10 @@ func (b *bench) trial(ctx context.Context, r *running, p burst) (Trial, error) {
 			Conntrack:    ctFallback,
 		},
 	}
+	if agent {
+		t.Logged = uint64(after.decisions - before.decisions)
+		t.LogDropped = uint64(after.flowDrop - before.flowDrop)
+	}
 	if t.SendSeconds > 0 {
 		t.Achieved = float64(t.Sent) / t.SendSeconds
 	}
@@ -99,6 +103,12 @@ func (b *bench) trial(ctx context.Context, r *running, p burst) (Trial, error) {
 	}
 	if u := t.Undecided.Total(); u > 0 {
 		why = append(why, fmt.Sprintf("%d undecided", u))
+	}
+	if agent && t.LogDropped > 0 {
+		why = append(why, fmt.Sprintf("%d flow-log records dropped", t.LogDropped))
+	}
+	if decided := t.Delivered - min(t.Delivered, t.Undecided.Total()); agent && !b.opts.flowLogOff && t.Logged < decided {
+		why = append(why, fmt.Sprintf("%d of %d decisions logged", t.Logged, decided))
 	}
 	if rate > 0 && t.Achieved < 0.95*rate {
 		why = append(why, fmt.Sprintf("sender reached %.0f of %.0f flows/s", t.Achieved, rate))

@@ -356,7 +356,10 @@ the chain's worst case.
   counter (fail-open, bypass, unmarked accepts), the kernel's
   ` + "`queue_dropped`/`user_dropped`" + ` counters, and the agent's
   ` + "`nfmasq_queue_skipped_total`" + ` all stayed put (conntrack entries with
-  the fallback mark are counted too, as a cross-check). The rate is
+  the fallback mark are counted too, as a cross-check). For the agent,
+  the flow log must also have written a decision record for every
+  decided flow and dropped none (` + "`nfmasq_flowlog_records_total`" + `,
+  ` + "`nfmasq_flowlog_dropped_total`" + `). The rate is
   searched (doubling, then geometric bisection) for the highest passing
   rate; the node's conntrack table is flushed before every burst. A
   kernel-only dataplane does all its work inside the sender's ` + "`sendto`" + `

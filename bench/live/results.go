@@ -95,8 +95,13 @@ type Trial struct {
 	Achieved    float64   `json:"achieved"` // sent / SendSeconds
 	Rate        float64   `json:"rate"`     // delivered / Seconds
 	Undecided   Undecided `json:"undecided"`
-	Pass        bool      `json:"pass"`
-	Why         string    `json:"why,omitempty"` // why it did not pass
+	// Logged and LogDropped (agent only) are the flow log's decision
+	// records written and its records dropped, for any reason, during
+	// the trial: every decided flow must have its record.
+	Logged     uint64 `json:"logged,omitempty"`
+	LogDropped uint64 `json:"logDropped,omitempty"`
+	Pass       bool   `json:"pass"`
+	Why        string `json:"why,omitempty"` // why it did not pass
 }
 
 // Undecided counts first packets that did not get the agent's decision.
