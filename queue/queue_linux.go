@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -628,12 +629,34 @@ func (w rawWriter) write(b []byte) error {
 	var err error
 	for range 3 {
 		// An unconnected netlink socket sends to the kernel (port 0).
-		if _, err = unix.Write(w.fd, b); err == nil || !transient(err) {
+		if err = rawWrite(w.fd, b); err == nil || !transient(err) {
 			break
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("sending verdict: %w", err)
+	}
+	return nil
+}
+
+// rawWrite is write(2) without telling the scheduler, as for a call that
+// cannot sleep: a netlink write to the kernel is processed in the caller's
+// context and never waits (for verdicts, the re-injected packets' whole
+// way through the remaining hooks and out of the node: tens of µs for a
+// batch). Through Syscall, a call that long lets the scheduler's monitor
+// hand the goroutine's P to another thread, and the goroutine then waits
+// for a P when the call returns: thread wake-ups, and a monitor on a 20 µs
+// cycle. BenchmarkKernelNewFlows (window=512, medians of 4): 4.4 → 3.9
+// CPU-µs per flow and 260k → 305k flows/s with batch verdicts, 250k →
+// 305k with one verdict per packet (mix=alternate). The cost: a stop-the-world
+// waits for the call to end.
+func rawWrite(fd int, b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	_, _, errno := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	if errno != 0 {
+		return errno
 	}
 	return nil
 }

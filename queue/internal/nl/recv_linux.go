@@ -78,7 +78,17 @@ func (r *Receiver) recvmmsg(fd uintptr) {
 }
 
 func (r *Receiver) recvmmsgFlags(fd uintptr, flags int) {
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), uintptr(flags), 0, 0)
+	var n uintptr
+	var errno syscall.Errno
+	if flags&unix.MSG_DONTWAIT != 0 {
+		// A read that cannot sleep keeps the goroutine's P, as the
+		// verdict writes do (queue's rawWrite says why): through
+		// Syscall, the scheduler's monitor may hand the P of a long
+		// call (64 datagrams) to another thread.
+		n, _, errno = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), uintptr(flags), 0, 0)
+	} else {
+		n, _, errno = unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), uintptr(len(r.msgs)), uintptr(flags), 0, 0)
+	}
 	r.n, r.errno = int(n), errno
 }
 
