@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/flowlog"
 	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
@@ -54,14 +56,49 @@ func BenchmarkKernelNewFlows(b *testing.B) {
 		for _, window := range []int{64, 256, 512} {
 			for _, mix := range []string{"alternate", "masquerade"} {
 				b.Run(fmt.Sprintf("workers=%d/window=%d/mix=%s", workers, window, mix), func(b *testing.B) {
-					benchNewFlows(b, workers, window, mix == "alternate")
+					benchNewFlows(b, workers, window, mix == "alternate", false)
 				})
 			}
 		}
 	}
 }
 
-func benchNewFlows(b *testing.B, workers, window int, alternate bool) {
+// BenchmarkKernelNewFlowsLogged is BenchmarkKernelNewFlows (inline
+// decisions, windows of 512, all flows masqueraded) with and without a
+// decision record per flow written to a file flow log, as the agent
+// writes them: what the flow log costs the dataplane.
+func BenchmarkKernelNewFlowsLogged(b *testing.B) {
+	for _, logged := range []bool{false, true} {
+		b.Run(fmt.Sprintf("log=%v", logged), func(b *testing.B) {
+			benchNewFlows(b, 0, 512, false, logged)
+		})
+	}
+}
+
+// loggingObserver writes a decision record per decided flow, as the
+// agent's audit does, before passing the event on.
+type loggingObserver struct {
+	log  *flowlog.Logger
+	next queue.Observer
+}
+
+func (o *loggingObserver) Decided(ev *queue.Event) {
+	if ev.Outcome == queue.Decided {
+		p := &ev.Packet
+		o.log.Log(flowlog.Record{
+			Kind: flowlog.KindDecision, Time: ev.Time, Proto: uint8(p.Proto),
+			Src:    netip.AddrPortFrom(p.Src, p.SrcPort),
+			Dst:    netip.AddrPortFrom(p.Dst, p.DstPort),
+			Action: ev.Decision.Action.String(), Prefix: ev.Decision.Prefix,
+			Source: ev.Decision.Source.String(), Origin: ev.Decision.Origin,
+			PolicyHash: "3f1a9c0d5e7b2a41", PolicyGeneration: 1,
+			Queue: ev.Queue, Latency: ev.Latency,
+		})
+	}
+	o.next.Decided(ev)
+}
+
+func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 	netnstest.Require(b, "iptables-restore", "ip6tables-restore")
 	top := netnstest.NewTopology(b)
 	restore(b, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
@@ -70,13 +107,26 @@ func benchNewFlows(b *testing.B, workers, window int, alternate bool) {
 		b.Fatal(err)
 	}
 	obs := &latencyObserver{lat: make([]time.Duration, b.N), reached: make(chan struct{}, 1)}
+	var observer queue.Observer = obs
+	var flog *flowlog.Logger
+	if logged {
+		flog, err = flowlog.New(flowlog.Options{
+			Sink: flowlog.Sink{Kind: flowlog.SinkFile, Path: filepath.Join(b.TempDir(), "flows.log")},
+			Node: "bench-node",
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer flog.Close()
+		observer = &loggingObserver{log: flog, next: obs}
+	}
 	q, err := queue.New(queue.Config{
 		QueueNums: []uint16{queue4},
 		Workers:   workers,
 		NetNS:     top.Node.FD(),
 		Marks:     kernelMarks,
 		Policy:    func() *nat.Policy { return pol },
-		Observer:  obs,
+		Observer:  observer,
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -130,9 +180,18 @@ func benchNewFlows(b *testing.B, workers, window int, alternate bool) {
 			b.Fatalf("only %d of %d packets answered: %+v", obs.n.Load(), sent, q.Stats())
 		}
 	}
+	if flog != nil {
+		// The records' encoding and writing is part of the cost.
+		flog.Close()
+	}
 	elapsed := time.Since(start)
 	b.StopTimer()
 	cpu := cpuTime(b) - cpu0
+	if flog != nil {
+		if st := flog.Stats(); st.Written[flowlog.KindDecision] != uint64(b.N) {
+			b.Errorf("flow log wrote %d of %d decision records (%+v)", st.Written[flowlog.KindDecision], b.N, st.Dropped)
+		}
+	}
 
 	st := q.Stats()
 	if st.Skipped != 0 || st.Packets != uint64(b.N) {

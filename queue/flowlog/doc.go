@@ -9,16 +9,19 @@
 //
 // A Logger is safe for concurrent use. Log is called from the dataplane (the
 // NFQUEUE workers and the conntrack listener) and never blocks on the sink:
-// it copies the Record into a bounded buffer, or counts it as dropped when
+// it encodes the Record into a bounded buffer, or counts it as dropped when
 // the buffer is full, sampled out or over the per-second ceiling. The
-// buffer is a slice appended to under a mutex; the writer swaps it for an
-// empty one once per batch, so a producer pays one short lock per record
-// and the writer one per batch (a channel cost a send and a receive, each
-// contended, per record: BenchmarkLog 100 -> 88 ns with two producers).
-// A single writer goroutine owned by the Logger encodes records, writes
-// them to the sink in batches, and writes a gap record as soon as the sink accepts
-// writes again after any loss. Strings in a Record are retained until the
-// record is written; Go strings are immutable, so callers need not copy.
+// buffer is a byte slice appended to under a mutex; the writer swaps it for
+// an empty one once per batch, so a producer pays one short lock and the
+// encoding per record, and the writer one lock per batch. Encoding in the
+// producer spares a copy of the Record that the writer, on another CPU,
+// would read back: BenchmarkKernelNewFlowsLogged, the dataplane with a
+// file flow log, 4.8 -> 4.6 CPU-µs per flow (records copied to the writer
+// then) and 241k -> 259k flows/s. Nothing of a Record is retained after Log
+// returns.
+// A single writer goroutine owned by the Logger writes the encoded records
+// to the sink in batches, and writes a gap record as soon as the sink
+// accepts writes again after any loss.
 //
 // The sink is written only by the writer goroutine. A write that fails is
 // counted as lost records (ReasonWriteError), never retried and never

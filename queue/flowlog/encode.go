@@ -14,18 +14,38 @@ import (
 // dst has room; that, not speed alone, is why it is written by hand (see
 // BenchmarkAppendJSON).
 func AppendJSON(dst []byte, r *Record) []byte {
+	var e encoder
+	return e.appendJSON(dst, r)
+}
+
+// encoder is AppendJSON with a memory: the date and time to the second of
+// the last two timestamps it wrote (an end record has two), which the
+// next records of a busy logger share: time.Time.AppendFormat was a third
+// of the encoding.
+type encoder struct {
+	stamps [2]stamp
+	next   int // the slot the next new second replaces
+}
+
+type stamp struct {
+	sec  int64
+	text [len("2006-01-02T15:04:05")]byte
+	ok   bool
+}
+
+func (e *encoder) appendJSON(dst []byte, r *Record) []byte {
 	dst = append(dst, `{"v":`...)
 	dst = strconv.AppendInt(dst, SchemaVersion, 10)
 	dst = appendKey(dst, "kind")
 	dst = appendString(dst, r.Kind.String())
 	dst = appendKey(dst, "time")
-	dst = appendTime(dst, r.Time)
+	dst = e.appendTime(dst, r.Time)
 	if r.Node != "" {
 		dst = appendKey(dst, "node")
 		dst = appendString(dst, r.Node)
 	}
 	if r.Kind == KindGap {
-		return appendGap(dst, r.Gap)
+		return e.appendGap(dst, r.Gap)
 	}
 
 	if f := r.Family(); f != "" {
@@ -90,7 +110,7 @@ func AppendJSON(dst []byte, r *Record) []byte {
 	}
 	if !r.Start.IsZero() {
 		dst = appendKey(dst, "start")
-		dst = appendTime(dst, r.Start)
+		dst = e.appendTime(dst, r.Start)
 		dst = appendKey(dst, "duration_ms")
 		dst = appendMilli(dst, r.Duration.Microseconds())
 	}
@@ -106,14 +126,14 @@ func AppendJSON(dst []byte, r *Record) []byte {
 
 // appendGap writes the gap body: the interval, then only the non-zero
 // counts, grouped by reason then kind.
-func appendGap(dst []byte, g *Gap) []byte {
+func (e *encoder) appendGap(dst []byte, g *Gap) []byte {
 	if g == nil {
 		g = &Gap{}
 	}
 	dst = appendKey(dst, "start")
-	dst = appendTime(dst, g.Start)
+	dst = e.appendTime(dst, g.Start)
 	dst = appendKey(dst, "end")
-	dst = appendTime(dst, g.End)
+	dst = e.appendTime(dst, g.End)
 	dst = appendKey(dst, "dropped")
 	dst = append(dst, '{')
 	firstReason := true
@@ -153,14 +173,45 @@ func appendKey(dst []byte, key string) []byte {
 }
 
 // appendTime writes RFC 3339 with nanoseconds in UTC, as encoding/json
-// writes a time.Time, or null for the zero time.
-func appendTime(dst []byte, t time.Time) []byte {
+// writes a time.Time (time.RFC3339Nano: trailing zeros of the fraction
+// dropped), or null for the zero time.
+func (e *encoder) appendTime(dst []byte, t time.Time) []byte {
 	if t.IsZero() {
 		return append(dst, "null"...)
 	}
+	t = t.UTC()
+	if y := t.Year(); y < 0 || y > 9999 {
+		dst = append(dst, '"')
+		dst = t.AppendFormat(dst, time.RFC3339Nano)
+		return append(dst, '"')
+	}
+	sec := t.Unix()
+	st := &e.stamps[0]
+	if !st.ok || st.sec != sec {
+		st = &e.stamps[1]
+		if !st.ok || st.sec != sec {
+			st = &e.stamps[e.next]
+			e.next ^= 1
+			t.AppendFormat(st.text[:0], "2006-01-02T15:04:05")
+			st.sec, st.ok = sec, true
+		}
+	}
 	dst = append(dst, '"')
-	dst = t.UTC().AppendFormat(dst, time.RFC3339Nano)
-	return append(dst, '"')
+	dst = append(dst, st.text[:]...)
+	if ns := t.Nanosecond(); ns != 0 {
+		var frac [10]byte
+		frac[0] = '.'
+		for i := 9; i > 0; i-- {
+			frac[i] = byte('0' + ns%10)
+			ns /= 10
+		}
+		n := 10
+		for frac[n-1] == '0' {
+			n--
+		}
+		dst = append(dst, frac[:n]...)
+	}
+	return append(dst, 'Z', '"')
 }
 
 // appendMilli writes v/1000 as a JSON number with at most three decimals

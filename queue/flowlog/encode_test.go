@@ -369,6 +369,16 @@ func BenchmarkAppendJSON(b *testing.B) {
 			}
 			b.SetBytes(int64(len(buf)))
 		})
+		b.Run(kind+"/logger", func(b *testing.B) {
+			// As the Logger encodes: one encoder, its second cached.
+			var e encoder
+			buf := make([]byte, 0, 4096)
+			b.ReportAllocs()
+			for b.Loop() {
+				buf = e.appendJSON(buf[:0], &r)
+			}
+			b.SetBytes(int64(len(buf)))
+		})
 		b.Run(kind+"/encoding-json", func(b *testing.B) {
 			b.ReportAllocs()
 			var n int
@@ -395,6 +405,39 @@ func TestDocsShowGoldenRecords(t *testing.T) {
 			if !bytes.Contains(doc, line) {
 				t.Errorf("docs/flow-log.md does not show this %s record:\n%s", name, line)
 			}
+		}
+	}
+}
+
+// The encoder's cached timestamps must read exactly as time.RFC3339Nano
+// writes them, whether or not the second is the cached one.
+func TestEncoderTimeMatchesRFC3339Nano(t *testing.T) {
+	base := time.Date(2026, 11, 24, 21, 30, 5, 0, time.UTC)
+	times := []time.Time{
+		base,
+		base.Add(1),
+		base.Add(120 * time.Millisecond),
+		base.Add(123456789),
+		base.Add(999999999),
+		base.Add(time.Second),
+		base.Add(time.Second + 100),
+		base.Add(5), // the two cached seconds, alternately
+		base.Add(time.Second + 70),
+		base.Add(2*time.Second + 1), // a third second replaces one
+		base.Add(9),
+		base.Add(time.Second + 3),
+		base.In(time.FixedZone("east", 5*3600)).Add(42),
+		time.Date(1969, 12, 31, 23, 59, 59, 500, time.UTC),
+		time.Date(0, 1, 1, 0, 0, 0, 7, time.UTC),
+		time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC),
+		time.Date(10000, 1, 1, 0, 0, 0, 10, time.UTC),
+		time.Date(-1, 1, 1, 0, 0, 0, 10, time.UTC),
+	}
+	var e encoder
+	for _, tm := range times {
+		want := `"` + tm.UTC().Format(time.RFC3339Nano) + `"`
+		if got := string(e.appendTime(nil, tm)); got != want {
+			t.Errorf("%v: got %s, want %s", tm, got, want)
 		}
 	}
 }

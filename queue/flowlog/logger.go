@@ -97,14 +97,16 @@ type Logger struct {
 	sample  uint64
 	limiter *rate.Limiter
 
-	// Records wait in pending, appended under bufMu, until the writer
-	// swaps the whole slice for an empty one: a producer pays a lock
-	// held for one copy, not a channel operation per record, and the
-	// writer touches the lock once per batch. wake (capacity 1) tells an
-	// idle writer that pending is no longer empty.
+	// Records are encoded by the producer, under bufMu, into pending,
+	// which the writer swaps for an empty one once per batch: a producer
+	// pays one short lock and the encoding (no copy of the Record, which
+	// the writer, often on another CPU, would read back), and the writer
+	// only writes bytes. wake (capacity 1) tells an idle writer that
+	// pending is no longer empty.
 	bufMu   sync.Mutex
-	pending []Record
-	limit   int // most records pending
+	pending batch
+	enc     encoder // its time cache; used under bufMu
+	limit   int     // most records pending
 	wake    chan struct{}
 
 	// mu orders Log against Close: Log holds it shared while it sends, so
@@ -137,9 +139,8 @@ type w struct {
 	linger       time.Duration
 	closeTimeout time.Duration
 
-	buf   []byte
-	ends  []lineEnd
-	spare []Record // the pending slice of the last swap, emptied
+	spare batch  // the pending batch of the last swap, emptied
+	line  []byte // a gap record being written
 	// partial is set when a failed write left half a line in the sink; the
 	// next write starts with a newline so the following records parse.
 	partial bool
@@ -151,6 +152,12 @@ type w struct {
 	// sinceCheck counts records written to the file since it was last seen
 	// to exist, by kind.
 	sinceCheck [NumKinds]uint64
+}
+
+// batch is encoded records, one per line, and where each line ends.
+type batch struct {
+	buf  []byte
+	ends []lineEnd
 }
 
 type lineEnd struct {
@@ -193,7 +200,7 @@ func New(opts Options) (*Logger, error) {
 	}
 	l.limit = orDefault(opts.Buffer, DefaultBuffer)
 	l.wake = make(chan struct{}, 1)
-	l.w.buf = make([]byte, 1, batchBytes+4096)
+	l.w.line = make([]byte, 0, 1024)
 	l.w.clean = time.Now()
 	l.stop = make(chan struct{})
 	l.done = make(chan struct{})
@@ -208,7 +215,7 @@ func orDefault[T int | time.Duration](v, def T) T {
 	return v
 }
 
-// Log queues r for writing and returns at once. It never blocks, and does
+// Log encodes r into the buffer and returns at once. It never blocks, and does
 // not allocate once the buffer has grown to its working size: when the
 // record is sampled out, over the ceiling or finds the buffer full, it is
 // counted as dropped instead. Records of kind
@@ -237,10 +244,14 @@ func (l *Logger) Log(r Record) {
 		l.dropped[ReasonClosed][r.Kind].Add(1)
 		return
 	}
+	if r.Node == "" {
+		r.Node = l.node
+	}
 	l.bufMu.Lock()
-	n := len(l.pending)
+	n := len(l.pending.ends)
 	if n < l.limit {
-		l.pending = append(l.pending, r)
+		l.pending.buf = l.enc.appendJSON(l.pending.buf, &r)
+		l.pending.ends = append(l.pending.ends, lineEnd{end: len(l.pending.buf), kind: r.Kind})
 	}
 	l.bufMu.Unlock()
 	l.mu.RUnlock()
@@ -258,12 +269,12 @@ func (l *Logger) Log(r Record) {
 }
 
 // take swaps the pending records for spare (emptied) and returns them.
-func (l *Logger) take(spare []Record) []Record {
+func (l *Logger) take(spare batch) batch {
 	l.bufMu.Lock()
-	recs := l.pending
-	l.pending = spare[:0]
+	b := l.pending
+	l.pending = batch{buf: spare.buf[:0], ends: spare.ends[:0]}
 	l.bufMu.Unlock()
-	return recs
+	return b
 }
 
 // ReportLost counts n records of kind k lost elsewhere for reason r (the
@@ -293,7 +304,7 @@ func (l *Logger) Stats() Stats {
 		s.LastWriteError = *p
 	}
 	l.bufMu.Lock()
-	s.Buffered = len(l.pending)
+	s.Buffered = len(l.pending.ends)
 	l.bufMu.Unlock()
 	return s
 }
@@ -322,11 +333,11 @@ func (l *Logger) Close() error {
 		case <-timer.C:
 			// The writer is stuck in the sink; what it has not taken
 			// is lost.
-			recs := l.take(nil)
-			for i := range recs {
-				l.dropped[ReasonClosed][recs[i].Kind].Add(1)
+			b := l.take(batch{})
+			for _, e := range b.ends {
+				l.dropped[ReasonClosed][e.kind].Add(1)
 			}
-			n := len(recs)
+			n := len(b.ends)
 			l.closeErr = fmt.Errorf("flow log sink did not drain in %v: %d buffered records dropped", l.w.closeTimeout, n)
 		}
 	})
@@ -377,55 +388,45 @@ func (l *Logger) run() {
 // drainAll writes every pending record, in writes of about batchBytes,
 // and reports whether there was any.
 func (l *Logger) drainAll() bool {
-	recs := l.take(l.w.spare)
-	for i := range recs {
-		l.add(&recs[i])
-		if len(l.w.buf) >= batchBytes {
-			l.flush()
+	b := l.take(l.w.spare)
+	// Write in pieces of at most batchBytes that end at a line end.
+	from, start := 0, 0
+	for i, e := range b.ends {
+		if e.end-start > batchBytes && i > from {
+			l.flush(b.buf[start:b.ends[i-1].end], start, b.ends[from:i])
+			from, start = i, b.ends[i-1].end
 		}
 	}
-	if len(l.w.ends) > 0 {
-		l.flush()
-	}
-	if len(recs) > 0 {
+	if from < len(b.ends) {
+		l.flush(b.buf[start:], start, b.ends[from:])
 		l.writeGap()
 	}
-	// Keep the slice for the next swap, without holding on to the
-	// records' strings.
-	clear(recs)
-	l.w.spare = recs[:0]
-	return len(recs) > 0
+	l.w.spare = b
+	return len(b.ends) > 0
 }
 
-func (l *Logger) add(r *Record) {
-	if r.Node == "" {
-		r.Node = l.node
-	}
-	l.w.buf = AppendJSON(l.w.buf, r)
-	l.w.ends = append(l.w.ends, lineEnd{end: len(l.w.buf), kind: r.Kind})
-}
-
-// flush writes the batch. buf[0] is reserved for the newline that ends a
-// partial line left by a previous failed write.
-func (l *Logger) flush() {
-	out := l.w.buf[1:]
-	skip := 1
+// flush writes out, the lines ends (offsets from base) of a batch, and
+// counts each line written or lost.
+func (l *Logger) flush(out []byte, base int, ends []lineEnd) {
 	if l.w.partial {
-		l.w.buf[0] = '\n'
-		out, skip = l.w.buf, 0
+		// A failed write left half a line: end it, so the records
+		// that follow parse.
+		if _, err := l.write([]byte{'\n'}); err != nil {
+			for _, e := range ends {
+				l.dropped[ReasonWriteError][e.kind].Add(1)
+			}
+			return
+		}
 	}
 	n, _ := l.write(out)
-	n += skip
-	for _, e := range l.w.ends {
-		if e.end <= n {
+	for _, e := range ends {
+		if e.end-base <= n {
 			l.written[e.kind].Add(1)
 			l.w.sinceCheck[e.kind]++
 		} else {
 			l.dropped[ReasonWriteError][e.kind].Add(1)
 		}
 	}
-	l.w.buf = l.w.buf[:1]
-	l.w.ends = l.w.ends[:0]
 }
 
 // write writes p to the sink and records the outcome of the call.
@@ -474,13 +475,12 @@ func (l *Logger) writeGap() {
 		}
 	}
 	rec := Record{Kind: KindGap, Time: now, Node: l.node, Gap: &gap}
-	line := l.w.buf[:1]
+	line := l.w.line[:0]
 	if l.w.partial {
-		line[0] = '\n'
-	} else {
-		line = line[:0]
+		line = append(line, '\n')
 	}
 	line = AppendJSON(line, &rec)
+	l.w.line = line
 	if _, err := l.write(line); err != nil {
 		return
 	}
