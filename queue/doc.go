@@ -81,7 +81,8 @@
 // per flow from 5.1-6.7 (median 5.4) to 4.1-4.5 (median 4.25) µs, four
 // alternating runs each.
 //
-// Busy polling (Config.BusyPoll, off by default): a reader that finds the
+// Busy polling (Config.BusyPoll; off by default in the library, the
+// agent's --busy-poll defaults to DefaultBusyPoll, 10 µs): a reader that finds the
 // socket empty may keep polling for up to that long before it sleeps, as
 // KVM's halt polling does, because waking a sleeping thread costs tens of
 // microseconds on a VM. The window adapts (busyPoll). While polling the

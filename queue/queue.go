@@ -623,6 +623,17 @@ type busyPoll struct {
 	max, window time.Duration
 }
 
+// DefaultBusyPoll is the agent's --busy-poll default: a window short
+// enough to cost nothing measurable while flows are further apart than
+// that (the window then shrinks to nothing), and long enough to catch the
+// packets of a busy queue without the reader sleeping and being woken for
+// each run of them. Measured with bench/live (11 CIDRs, paired runs): new
+// flows sustained at 0.82-0.86 of the ipset dataplane against 0.76-0.82
+// without polling; agent CPU at 1k, 10k, 50k, 75k and 100k evenly spaced
+// new flows/s the same as without polling within noise, about 0.1 core
+// more at 150k.
+const DefaultBusyPoll = 10 * time.Microsecond
+
 // busyPollStart is the first window after a short sleep.
 const busyPollStart = 5 * time.Microsecond
 

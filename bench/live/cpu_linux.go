@@ -13,13 +13,14 @@ import (
 )
 
 // pollVariants are the agent configurations the busy-polling comparison
-// measures: the agent as benchmarked (by default it never polls), and the
-// same with polling windows of up to 50 µs.
+// measures: the agent as benchmarked (by default it polls for up to
+// 10 µs), and the same with polling off and with windows of up to 50 µs.
 var pollVariants = []struct {
 	name  string
 	extra []string
 }{
 	{"benchmarked flags", nil},
+	{"--busy-poll=0", []string{"--busy-poll=0"}},
 	{"--busy-poll=50us", []string{"--busy-poll=50us"}},
 }
 

@@ -127,7 +127,7 @@ the markdown report from one.
 	fs.IntVar(&o.reloadCIDRs, "reload-cidrs", 100000, "CIDRs in the config the agent reloads (0: skip the reload measurement)")
 	fs.Float64Var(&o.reloadRate, "reload-rate", 2000, "new flows/s sent while the agent reloads")
 	fs.IntVar(&o.reloadReps, "reload-reps", 3, "reload measurements")
-	cpuRates := fs.String("cpu-rates", "0,1000,10000,50000", "steady new-flow rates at which the agent's CPU is measured, with and without busy polling")
+	cpuRates := fs.String("cpu-rates", "0,1000,10000,50000,150000", "steady new-flow rates at which the agent's CPU is measured, with and without busy polling")
 	fs.IntVar(&o.pollReps, "poll-reps", 3, "repetitions of the busy-polling comparison (0: skip it)")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the generated CIDR lists")
 	dst := fs.String("dst", "11.0.0.10", "destination of the test flows (in the remote namespace; must be masqueraded)")

@@ -69,9 +69,10 @@ re-read every resyncInterval; a bad file keeps the last good policy.`,
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "127.0.0.1:9741",
 		`address for /metrics, /healthz and /readyz ("" disables); keep it on loopback unless a scraper needs it`)
 	fs.IntVar(&f.workers, "workers", 0, "decision workers per queue (0: decide on each queue's receive goroutine)")
-	fs.DurationVar(&f.busyPoll, "busy-poll", 0,
-		"longest a queue's reader polls for the next packet before it sleeps, e.g. 50us (adaptive; 0, the default, never polls): "+
-			"polling spares a new flow's first packet the reader's wake-up (tens of µs on a VM) for up to a third of a core more CPU at 20k-50k new flows/s (docs/benchmarks.md)")
+	fs.DurationVar(&f.busyPoll, "busy-poll", queue.DefaultBusyPoll,
+		"longest a queue's reader polls for the next packet before it sleeps (adaptive; 0 never polls): "+
+			"polling spares the reader a wake-up per run of packets (tens of µs on a VM); longer windows (50us) also cut first-packet latency, "+
+			"for up to a third of a core more CPU at 20k-50k new flows/s (docs/benchmarks.md)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&f.reconcileTCP, "reconcile-tcp", false,
