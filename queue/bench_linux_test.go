@@ -5,7 +5,6 @@ package queue_test
 import (
 	"context"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -18,6 +17,7 @@ import (
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
 	"github.com/nfmasq/nfmasq/queue/flowlog"
+	"github.com/nfmasq/nfmasq/queue/internal/cputime"
 	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
 
@@ -164,7 +164,7 @@ func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 		pkts[i] = append(ipv4Header(17, len(d), 5, 0, src, dst), d...)
 	}
 
-	cpu0 := cpuTime(b)
+	cpu0 := cputime.Process()
 	b.ResetTimer()
 	start := time.Now()
 	for sent := 0; sent < len(pkts); {
@@ -186,7 +186,7 @@ func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 	}
 	elapsed := time.Since(start)
 	b.StopTimer()
-	cpu := cpuTime(b) - cpu0
+	cpu := cputime.Process() - cpu0
 	if flog != nil {
 		if st := flog.Stats(); st.Written[flowlog.KindDecision] != uint64(b.N) {
 			b.Errorf("flow log wrote %d of %d decision records (%+v)", st.Written[flowlog.KindDecision], b.N, st.Dropped)
@@ -208,14 +208,6 @@ func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 		b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
 		b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 	}
-}
-
-func cpuTime(tb testing.TB) time.Duration {
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkKernelFirstPacketRTT measures one new flow at a time: a UDP

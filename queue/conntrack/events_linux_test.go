@@ -20,6 +20,7 @@ import (
 	"github.com/ti-mo/netfilter"
 	"golang.org/x/sys/unix"
 
+	"github.com/nfmasq/nfmasq/queue/internal/cputime"
 	"github.com/nfmasq/nfmasq/queue/internal/nl"
 	"github.com/nfmasq/nfmasq/queue/netnstest"
 )
@@ -287,15 +288,6 @@ func listenOld(tb testing.TB, cfg Config) *Listener {
 	return l
 }
 
-// cpuTime is the process's user and system CPU time.
-func cpuTime(tb testing.TB) time.Duration {
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 // BenchmarkKernelDestroy measures the CPU the whole process spends per
 // destroy event while a listener reads a flush of kernelEntries UDP
 // entries: the old reader (mdlayher Receive, ti-mo, fromCT) against the
@@ -335,7 +327,7 @@ func BenchmarkKernelDestroy(b *testing.B) {
 				// Collect the creation's garbage now, not while measuring.
 				runtime.GC()
 				b.StartTimer()
-				start, startCPU := time.Now(), cpuTime(b)
+				start, startCPU := time.Now(), cputime.Process()
 				if _, err := io.WriteString(in, "go\n"); err != nil {
 					b.Fatal(err)
 				}
@@ -347,7 +339,7 @@ func BenchmarkKernelDestroy(b *testing.B) {
 						b.Fatalf("flush: stats %+v", l.Stats())
 					}
 				}
-				cpu += cpuTime(b) - startCPU
+				cpu += cputime.Process() - startCPU
 				wall += time.Since(start)
 				b.StopTimer()
 				if err := flush.Wait(); err != nil {

@@ -7,16 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/nfmasq/nfmasq/queue/internal/cputime"
 )
-
-func processCPU(tb testing.TB) time.Duration {
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
 
 // BenchmarkLogCost is the whole cost of a decision record for the
 // process: Log, the writer's encoding and its write to the sink, in CPU
@@ -51,7 +43,7 @@ func BenchmarkLogCost(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			cpu0 := processCPU(b)
+			cpu0 := cputime.Process()
 			n := 0
 			for b.Loop() {
 				l.Log(r)
@@ -64,7 +56,7 @@ func BenchmarkLogCost(b *testing.B) {
 				}
 			}
 			l.Close()
-			cpu := processCPU(b) - cpu0
+			cpu := cputime.Process() - cpu0
 			st := l.Stats()
 			if st.Lost(KindDecision) > 0 {
 				b.Fatalf("%d records lost", st.Lost(KindDecision))
