@@ -173,15 +173,8 @@ func synthesizedEvents(tb testing.TB) [][]byte {
 // TestDecodeMatchesReference checks the two decoders on the synthesized
 // events (the fuzz target checks the committed kernel captures).
 func TestDecodeMatchesReference(t *testing.T) {
-	for i, msg := range synthesizedEvents(t) {
-		want, ok := referenceDecode(msg)
-		if !ok {
-			t.Fatalf("event %d: ti-mo does not decode it", i)
-		}
-		var got Event
-		if !decodeEvent(msg, &got) || got != want {
-			t.Errorf("event %d:\n got %s\nwant %s", i, fields(got), fields(want))
-		}
+	for _, msg := range synthesizedEvents(t) {
+		checkDecode(t, msg)
 	}
 }
 
@@ -274,4 +267,19 @@ func BenchmarkDecode(b *testing.B) {
 			}
 		})
 	}
+}
+
+// checkDecode fails t unless decodeEvent decodes msg exactly as ti-mo
+// (referenceDecode) does, and returns the event.
+func checkDecode(t *testing.T, msg []byte) Event {
+	t.Helper()
+	want, ok := referenceDecode(msg)
+	if !ok {
+		t.Fatalf("ti-mo does not decode %x", msg)
+	}
+	var got Event
+	if !decodeEvent(msg, &got) || got != want {
+		t.Errorf("decodeEvent(%x):\n got %s\nwant %s", msg, fields(got), fields(want))
+	}
+	return got
 }

@@ -150,14 +150,7 @@ func TestKernelEvents(t *testing.T) {
 		if !ok || len(rest) != 0 {
 			t.Fatalf("datagram is not one message: %x", c.dgram)
 		}
-		want, ok := referenceDecode(msg)
-		if !ok {
-			t.Fatalf("ti-mo does not decode %x", msg)
-		}
-		var ev Event
-		if !decodeEvent(msg, &ev) || ev != want {
-			t.Errorf("decodeEvent(%x):\n got %s\nwant %s", msg, fields(ev), fields(want))
-		}
+		ev := checkDecode(t, msg)
 		seeds[seedName(ev)] = msg
 	}
 	t.Logf("%d events from %d entries, %d kinds; largest datagram %d bytes", len(got), entries, len(seeds), largest)
