@@ -159,6 +159,13 @@ var configKeys = []string{"nonMasqueradeCIDRs", "cidrLimit", "masqLinkLocal", "m
 // the path and keep ip-masq-agent's texts.
 func LoadConfig(path string, opts ParseOptions) (Config, []Warning, error) {
 	data, err := os.ReadFile(path)
+	return ConfigFile(path, data, err, opts)
+}
+
+// ConfigFile is LoadConfig for a file the caller read itself: data and
+// err are what os.ReadFile returned for path. The agent reads the file
+// first so that it can skip a reload when the bytes did not change.
+func ConfigFile(path string, data []byte, err error, opts ParseOptions) (Config, []Warning, error) {
 	if errors.Is(err, fs.ErrNotExist) {
 		return DefaultConfig(opts.AllReservedRanges), []Warning{{
 			Kind:    NoConfigFile,

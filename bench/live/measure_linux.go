@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -219,20 +218,18 @@ func (b *bench) measure(ctx context.Context, r *running, s *Sample) error {
 }
 
 // reload measures, with the agent running on a small config and new flows
-// arriving at a steady rate, the time from renaming a config of `to`
-// CIDRs into place to the agent's policy generation moving, and checks
-// that no flow went undecided meanwhile.
+// arriving at a steady rate, the time from publishing a config of `to`
+// CIDRs to the agent deciding with it (its policy generation moves) and
+// to its kernel fallback holding it (the applied generation moves), and
+// checks that no flow went undecided meanwhile.
 func (b *bench) reload(ctx context.Context, rep int, small []string, to []string) (Reload, error) {
 	rl := Reload{Rep: rep, FromCIDRs: len(small), ToCIDRs: len(to)}
 	dir := filepath.Join(b.opts.tmp, fmt.Sprintf("reload-%d", rep))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	vol, err := newConfigMapVolume(dir, "config", configFile(small))
+	if err != nil {
 		return rl, err
 	}
-	cfgPath := filepath.Join(dir, "config")
-	if err := os.WriteFile(cfgPath, configFile(small), 0o644); err != nil {
-		return rl, err
-	}
-	r, err := b.start(ctx, Agent, cfgPath, nil)
+	r, err := b.start(ctx, Agent, vol.path(), nil)
 	if err != nil {
 		return rl, err
 	}
@@ -241,14 +238,13 @@ func (b *bench) reload(ctx context.Context, rep int, small []string, to []string
 			b.logf("warning: %v", err)
 		}
 	}()
-	gen0, err := b.generation(ctx)
+	gen0, _, err := b.generations(ctx)
 	if err != nil {
 		return rl, err
 	}
-	// Written beside the file and renamed over it, as kubelet updates a
-	// ConfigMap volume: the agent never reads half a file.
-	next := filepath.Join(dir, ".config.new")
-	if err := os.WriteFile(next, configFile(to), 0o644); err != nil {
+	// Written before the clock starts, as kubelet writes the new version
+	// before it publishes it.
+	if err := vol.prepare(configFile(to)); err != nil {
 		return rl, err
 	}
 
@@ -279,26 +275,32 @@ func (b *bench) reload(ctx context.Context, rep int, small []string, to []string
 	// Let the load reach its pace before the change.
 	time.Sleep(300 * time.Millisecond) // load warm-up, not synchronisation
 	start := time.Now()
-	if err := os.Rename(next, cfgPath); err != nil {
+	if err := vol.publish(); err != nil {
 		halt()
 		return rl, err
 	}
 	deadline := start.Add(reloadMax - time.Second)
-	for {
-		g, err := b.generation(ctx)
+	for rl.Applied == 0 {
+		g, applied, err := b.generations(ctx)
 		if err != nil {
 			halt()
 			return rl, err
 		}
-		if g > gen0 {
+		if g > gen0 && rl.Seconds == 0 {
 			rl.Seconds = time.Since(start).Seconds()
+		}
+		if applied > gen0 {
+			rl.Applied = time.Since(start).Seconds()
 			break
 		}
 		if time.Now().After(deadline) {
 			halt()
-			return rl, fmt.Errorf("policy generation still %v %v after the config change\n%s", g, reloadMax, r.agent.tail(20))
+			return rl, fmt.Errorf("policy generation %v, applied %v, %v after the config change (want > %v)\n%s", g, applied, reloadMax, gen0, r.agent.tail(20))
 		}
 		time.Sleep(2 * time.Millisecond) // polling the metric is the measurement
+	}
+	if err := vol.cleanup(); err != nil {
+		b.logf("warning: %v", err)
 	}
 	// Flows decided by the new policy, after the swap, belong in the load.
 	time.Sleep(300 * time.Millisecond) // load tail, not synchronisation
@@ -307,18 +309,25 @@ func (b *bench) reload(ctx context.Context, rep int, small []string, to []string
 		return rl, res.err
 	}
 	rl.Load = res.t
-	b.logf("reload %d → %d CIDRs: %.0f ms; load %s", len(small), len(to), rl.Seconds*1e3, verdict(res.t))
+	b.logf("reload %d → %d CIDRs: deciding with it after %.0f ms, fallback after %.0f ms; load %s",
+		len(small), len(to), rl.Seconds*1e3, rl.Applied*1e3, verdict(res.t))
 	return rl, nil
 }
 
-func (b *bench) generation(ctx context.Context) (float64, error) {
+// generations reads the agent's policy generation (policies it decides
+// with) and applied generation (policies its kernel fallback holds).
+func (b *bench) generations(ctx context.Context) (gen, applied float64, err error) {
 	m, err := b.scrape(ctx)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	g, ok := metricSum(m, "nfmasq_policy_generation")
+	gen, ok := metricSum(m, "nfmasq_policy_generation")
 	if !ok {
-		return 0, fmt.Errorf("the agent exports no nfmasq_policy_generation")
+		return 0, 0, fmt.Errorf("the agent exports no nfmasq_policy_generation")
 	}
-	return g, nil
+	applied, ok = metricSum(m, "nfmasq_policy_applied_generation")
+	if !ok {
+		return 0, 0, fmt.Errorf("the agent exports no nfmasq_policy_applied_generation")
+	}
+	return gen, applied, nil
 }

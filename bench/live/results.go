@@ -161,8 +161,9 @@ type Reload struct {
 	Rep       int     `json:"rep"`
 	FromCIDRs int     `json:"fromCIDRs"`
 	ToCIDRs   int     `json:"toCIDRs"`
-	Seconds   float64 `json:"seconds"` // file renamed into place → generation metric moved
-	Load      Trial   `json:"load"`    // the flows sent meanwhile
+	Seconds   float64 `json:"seconds"`                  // new version published → policy generation moved
+	Applied   float64 `json:"appliedSeconds,omitempty"` // → applied generation moved (kernel fallback rewritten)
+	Load      Trial   `json:"load"`                     // the flows sent meanwhile
 }
 
 // PollSample is the agent measured once in one busy-polling

@@ -79,7 +79,7 @@ func sampleRun() *Results {
 		}
 	}
 	for rep, secs := range []float64{0.15, 0.25, 0.18} {
-		r.Reloads = append(r.Reloads, Reload{Rep: rep, FromCIDRs: 11, ToCIDRs: 100000, Seconds: secs,
+		r.Reloads = append(r.Reloads, Reload{Rep: rep, FromCIDRs: 11, ToCIDRs: 100000, Seconds: secs, Applied: secs + 0.3,
 			Load: Trial{Sent: 1000, Delivered: 1000}})
 	}
 	return r
@@ -144,7 +144,7 @@ func TestTargets(t *testing.T) {
 		"added connect latency p99 ≤ 150 µs (vs ipset) @ 11 CIDRs":    "+80.0 µs **met**",
 		"added connect latency p50 ≤ 30 µs (vs ipset) @ 5,000 CIDRs":  "+20.0 µs **met**",
 		"added connect latency p99 ≤ 150 µs (vs ipset) @ 5,000 CIDRs": "+40.0 µs **met**",
-		"reload ≤ 200 ms, no verdict lost @ 100,000 CIDRs config":     "180 ms median, 0 flows undecided or lost **met**",
+		"reload ≤ 200 ms, no verdict lost @ 100,000 CIDRs config":     "180 ms median (kernel fallback: 480 ms), 0 flows undecided or lost **met**",
 	}
 	for k, v := range want {
 		if got[k] != v {

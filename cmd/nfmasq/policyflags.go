@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 
 	"github.com/spf13/pflag"
 
@@ -22,6 +24,27 @@ type policyFlags struct {
 	disableDefaultSNAT bool
 	egressPolicyFiles  []string
 	clusterCIDRs       []string
+
+	// last is the last successful load, returned again while the files
+	// hold the same bytes: the agent reloads at every resync and on
+	// every event in the config directory, and a 100,000-CIDR policy
+	// costs about 50 ms of CPU to rebuild.
+	last *loaded
+}
+
+// loaded is a load's result and the flags and bytes it was built from.
+type loaded struct {
+	flags    string
+	config   []byte // nil: not read (without the agent)
+	egress   [][]byte
+	policy   *nat.Policy
+	warnings []string
+}
+
+// same reports whether the inputs are those l was built from.
+func (l *loaded) same(flags string, config []byte, egress [][]byte) bool {
+	return l != nil && l.flags == flags && bytes.Equal(l.config, config) && (l.config == nil) == (config == nil) &&
+		slices.EqualFunc(l.egress, egress, bytes.Equal)
 }
 
 // register adds the flags every policy-building command has.
@@ -55,6 +78,26 @@ func (f *policyFlags) registerClusterModel(fs *pflag.FlagSet) {
 // in the Policy's Notes. An error means no Policy: a bad config file, an
 // unreadable egress policy file, a bad --cluster-cidr.
 func (f *policyFlags) load() (*nat.Policy, []string, error) {
+	// Without the agent nobody reads the config file, so neither do we: its
+	// errors would not matter either.
+	var config []byte
+	var configErr error
+	if f.agent {
+		config, configErr = os.ReadFile(f.configPath)
+	}
+	egress := make([][]byte, len(f.egressPolicyFiles))
+	for i, path := range f.egressPolicyFiles {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--egress-policy: %w", err)
+		}
+		egress[i] = data
+	}
+	flags := fmt.Sprintf("%q %t %t %t %t %q %q", f.configPath, f.enableIPv6, f.allReservedRanges, f.agent, f.disableDefaultSNAT, f.egressPolicyFiles, f.clusterCIDRs)
+	if configErr == nil && f.last.same(flags, config, egress) {
+		return f.last.policy, slices.Clone(f.last.warnings), nil
+	}
+
 	var warnings []string
 	in := nat.Input{
 		Config:             nat.DefaultConfig(f.allReservedRanges),
@@ -64,10 +107,8 @@ func (f *policyFlags) load() (*nat.Policy, []string, error) {
 		DisableDefaultSNAT: f.disableDefaultSNAT,
 		UseEgressPolicies:  len(f.egressPolicyFiles) > 0,
 	}
-	// Without the agent nobody reads the config file, so neither do we: its
-	// errors would not matter either.
 	if f.agent {
-		cfg, cfgWarnings, err := nat.LoadConfig(f.configPath, nat.ParseOptions{
+		cfg, cfgWarnings, err := nat.ConfigFile(f.configPath, config, configErr, nat.ParseOptions{
 			AllReservedRanges: f.allReservedRanges,
 			EnableIPv6:        f.enableIPv6,
 		})
@@ -81,12 +122,8 @@ func (f *policyFlags) load() (*nat.Policy, []string, error) {
 	}
 
 	definedIn := map[string]string{}
-	for _, path := range f.egressPolicyFiles {
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--egress-policy: %w", err)
-		}
-		policies, errs := nat.ParseEgressPolicies(data)
+	for i, path := range f.egressPolicyFiles {
+		policies, errs := nat.ParseEgressPolicies(egress[i])
 		for _, err := range errs {
 			warnings = append(warnings, fmt.Sprintf("%s: %v; skipped", path, err))
 		}
@@ -113,6 +150,11 @@ func (f *policyFlags) load() (*nat.Policy, []string, error) {
 	p, err := nat.Compile(in)
 	if err != nil {
 		return nil, nil, err
+	}
+	// A missing file (configErr set, config nil) is not remembered: it
+	// costs nothing to load again.
+	if configErr == nil {
+		f.last = &loaded{flags: flags, config: config, egress: egress, policy: p, warnings: slices.Clone(warnings)}
 	}
 	return p, warnings, nil
 }

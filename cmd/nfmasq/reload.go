@@ -23,8 +23,23 @@ type configWatch struct {
 }
 
 // debounce is how long a burst of events may last before one reload:
-// kubelet's ConfigMap update is a few renames within a millisecond or two.
+// kubelet's ConfigMap update is a few renames within a millisecond or two,
+// and a file written in place must be whole before it is read.
 const debounce = 20 * time.Millisecond
+
+// dataLink is the symlink kubelet's atomic writer swaps to publish a new
+// version of a ConfigMap volume: it renames "..data_tmp", which points at
+// a directory of complete files, to "..data". When "..data" appears the
+// new config is whole, so the reload starts at once instead of after the
+// debounce; the events that follow (the old version's removal) still
+// coalesce into one more reload, which finds nothing changed.
+const dataLink = "..data"
+
+// published reports whether ev is kubelet publishing a new version of the
+// volume in dir.
+func published(ev fsnotify.Event, dir string) bool {
+	return ev.Has(fsnotify.Create) && ev.Name == filepath.Join(dir, dataLink)
+}
 
 func newConfigWatch(path string, log *slog.Logger) *configWatch {
 	cw := &configWatch{dir: filepath.Dir(path), log: log, changed: make(chan struct{}, 1), done: make(chan struct{})}
@@ -48,9 +63,17 @@ func (cw *configWatch) run() {
 	var fire <-chan time.Time
 	for {
 		select {
-		case _, ok := <-cw.w.Events:
+		case ev, ok := <-cw.w.Events:
 			if !ok {
 				return
+			}
+			if published(ev, cw.dir) {
+				if timer != nil {
+					timer.Stop()
+				}
+				fire = nil
+				cw.signal()
+				continue
 			}
 			// Any event in the directory may be the file: editors and
 			// kubelet write through temporary names and renames.
@@ -67,13 +90,18 @@ func (cw *configWatch) run() {
 			cw.log.Warn("config watch error; the periodic resync still applies", "err", err)
 		case <-fire:
 			fire = nil
-			select {
-			case cw.changed <- struct{}{}:
-			default:
-			}
+			cw.signal()
 		case <-cw.done:
 			return
 		}
+	}
+}
+
+// signal delivers a change unless one is already waiting.
+func (cw *configWatch) signal() {
+	select {
+	case cw.changed <- struct{}{}:
+	default:
 	}
 }
 
