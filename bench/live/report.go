@@ -289,8 +289,12 @@ func renderReport(r *Results, plotDir string) string {
 		"```\n\n")
 	b.WriteString("which ran:\n\n```sh\n" + r.Command + "\ngo run ./bench/plot -in docs/benchmarks/live.json -dir docs/benchmarks\ngo run ./bench/live -report -in docs/benchmarks/live.json -o docs/benchmarks.md\n```\n\n")
 	s := r.Settings
-	fmt.Fprintf(&b, "Settings: CIDR counts %s; %d repetitions; paced bursts of %.1f s (at least %s, at most %s flows); best of %d TCP transfers of %.1f s; %s connects; reload to %s CIDRs under %s new flows/s; agent flags %s.\n\n",
-		joinInts(s.CIDRCounts), s.Reps, s.TrialSeconds, thousands(s.MinFlows), thousands(s.MaxFlows), s.TCPTransfers, s.TCPSeconds, thousands(s.Connects),
+	search := ""
+	if s.Tolerance > 0 {
+		search = fmt.Sprintf(", the rate searched to within %.0f %% in at most %d bursts", 100*s.Tolerance, s.MaxTrials)
+	}
+	fmt.Fprintf(&b, "Settings: CIDR counts %s; %d repetitions; paced bursts of %.1f s (at least %s, at most %s flows)%s; best of %d TCP transfers of %.1f s; %s connects; reload to %s CIDRs under %s new flows/s; agent flags %s.\n\n",
+		joinInts(s.CIDRCounts), s.Reps, s.TrialSeconds, thousands(s.MinFlows), thousands(s.MaxFlows), search, s.TCPTransfers, s.TCPSeconds, thousands(s.Connects),
 		thousands(s.ReloadCIDRs), rate(s.ReloadRate), agentFlags(s.AgentArgs))
 
 	b.WriteString(methodText)

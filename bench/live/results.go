@@ -46,6 +46,8 @@ type Settings struct {
 	Reps         int      `json:"reps"`
 	Short        bool     `json:"short"`
 	TrialSeconds float64  `json:"trialSeconds"`
+	Tolerance    float64  `json:"searchTolerance,omitempty"` // the rate search's resolution (factor)
+	MaxTrials    int      `json:"maxTrials,omitempty"`
 	MinFlows     int      `json:"minFlowsPerTrial"`
 	MaxFlows     int      `json:"maxFlowsPerTrial"`
 	Connects     int      `json:"connects"`

@@ -64,7 +64,7 @@ func sampleRun() *Results {
 		Command:  "go run ./bench/live -reps 3",
 		Started:  time.Date(2025, 1, 2, 3, 4, 0, 0, time.UTC),
 		Seconds:  600,
-		Settings: Settings{CIDRCounts: []int{11, 5000}, Reps: 3, TrialSeconds: 1, MinFlows: 2000, MaxFlows: 120000, Connects: 2000, TCPSeconds: 1, TCPTransfers: 3, ReloadCIDRs: 100000, ReloadRate: 2000},
+		Settings: Settings{CIDRCounts: []int{11, 5000}, Reps: 3, TrialSeconds: 1, Tolerance: 0.03, MaxTrials: 14, MinFlows: 2000, MaxFlows: 120000, Connects: 2000, TCPSeconds: 1, TCPTransfers: 3, ReloadCIDRs: 100000, ReloadRate: 2000},
 	}
 	for rep := 0; rep < 3; rep++ {
 		f := 1 + 0.1*float64(rep)

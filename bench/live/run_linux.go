@@ -34,6 +34,7 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		Settings: Settings{
 			CIDRCounts: o.cidrCounts, Reps: o.reps, MinFlows: o.minFlows, Short: o.short, TrialSeconds: o.trialSeconds,
 			Connects: o.connects, TCPSeconds: o.tcpSeconds, TCPTransfers: o.tcpTransfers, ReloadCIDRs: o.reloadCIDRs, ReloadRate: o.reloadRate,
+			Tolerance: o.tolerance, MaxTrials: o.maxTrials,
 			AgentArgs: o.agentArgs, Seed: o.seed, PrefixBits: [2]int{minGenBits, maxGenBits}, Destination: o.dst.String(),
 		},
 		Machine: machine(),
