@@ -295,3 +295,107 @@ func BenchmarkKernelFirstPacketRTT(b *testing.B) {
 		})
 	}
 }
+
+// restoreLayout is the rule layout of ../shared/KERNEL.md, which the
+// agent used before its decisions moved to the connmark alone: the
+// connmark is restored into every packet's mark in PREROUTING and saved
+// back from every marked packet in POSTROUTING.
+func restoreLayout(pod netip.Prefix, queueNum int) string {
+	return fmt.Sprintf(`*mangle
+:PREROUTING ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -j CONNMARK --restore-mark --mask 0x3000
+-A FORWARD -s %s -m mark --mark 0/0x3000 -j NFQUEUE --queue-num %d --queue-bypass
+-A POSTROUTING -m mark ! --mark 0/0x3000 -j CONNMARK --save-mark --mask 0x3000
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -m mark --mark 0x1000/0x3000 -j MASQUERADE
+COMMIT
+`, pod, queueNum)
+}
+
+// BenchmarkKernelEstablished sends the packets of one established UDP
+// flow from the pod through the node (its first packet decided by the
+// queue, the rest never queued) and reports the CPU time per packet of
+// the process, whose sends carry the node's forwarding: what the rules
+// cost a flow's later packets. layout=connmark is the agent's layout,
+// layout=restore the one it replaced, layout=kernel-only a node with
+// conntrack and one MASQUERADE rule and nothing of ours (ip-masq-agent's
+// cost for such a packet).
+func BenchmarkKernelEstablished(b *testing.B) {
+	for _, layout := range []string{"kernel-only", "restore", "connmark"} {
+		b.Run("layout="+layout, func(b *testing.B) {
+			netnstest.Require(b, "iptables-restore")
+			top := netnstest.NewTopology(b)
+			switch layout {
+			case "kernel-only":
+				restore(b, top.Node, "iptables-restore", fmt.Sprintf("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s %s -j MASQUERADE\nCOMMIT\n", netnstest.PodCIDR4))
+			case "restore":
+				restore(b, top.Node, "iptables-restore", restoreLayout(netnstest.PodCIDR4, queue4))
+			case "connmark":
+				restore(b, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
+			}
+			// The remote drops the flow before conntrack: no replies, no
+			// ICMP errors.
+			restore(b, top.Remote, "iptables-restore", "*raw\n-A PREROUTING -p udp --dport 9 -j DROP\nCOMMIT\n")
+			pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			obs := &syncObserver{}
+			q, err := queue.New(queue.Config{
+				QueueNums: []uint16{queue4}, NetNS: top.Node.FD(), Marks: kernelMarks,
+				Policy: func() *nat.Policy { return pol }, Observer: obs,
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- q.Run(ctx) }()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					b.Error(err)
+				}
+			}()
+			<-q.Ready()
+			rs, err := newRawSender(top)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer rs.Close()
+			src := netip.AddrFrom4([4]byte{10, 244, 0, 2})
+			d := netnstest.UDPDatagram(netip.AddrPortFrom(src, 4000), netip.AddrPortFrom(netnstest.Internet4, 9), make([]byte, 18))
+			pkt := append(ipv4Header(17, len(d), 5, 0, src, netnstest.Internet4), d...)
+			// The first packet, decided before the clock starts.
+			if err := rs.send(pkt); err != nil {
+				b.Fatal(err)
+			}
+			if layout != "kernel-only" {
+				deadline := time.Now().Add(5 * time.Second)
+				for q.Stats().Verdicts == 0 {
+					if time.Now().After(deadline) {
+						b.Fatalf("first packet not answered: %+v", q.Stats())
+					}
+					time.Sleep(time.Millisecond) // polling the counter is the wait
+				}
+			}
+			cpu0 := cputime.Process()
+			b.ResetTimer()
+			for range b.N {
+				if err := rs.send(pkt); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			cpu := cputime.Process() - cpu0
+			if st := q.Stats(); layout != "kernel-only" && st.Packets != 1 {
+				b.Errorf("%d packets queued, want only the first", st.Packets)
+			}
+			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/packet")
+		})
+	}
+}

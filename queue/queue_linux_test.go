@@ -26,9 +26,10 @@ import (
 )
 
 // The kernel tests build pod -> node -> remote namespaces, install by hand
-// in the node the minimal rule layout of KERNEL.md (restore the connmark,
-// queue unmarked pod packets, save the mark, masquerade by mark), bind
-// the queue in the node namespace and look at what the remote receives.
+// in the node the agent's minimal rule layout (queue pod packets of flows
+// without a decision in their connmark, save the verdict's mark in the
+// connmark, masquerade by connmark), bind the queue in the node namespace
+// and look at what the remote receives.
 
 var kernelMarks = queue.Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000}
 
@@ -42,13 +43,12 @@ func rulesFor(pod netip.Prefix, queueNum int) string {
 :PREROUTING ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
--A PREROUTING -j CONNMARK --restore-mark --mask 0x3000
--A FORWARD -s %s -m mark --mark 0/0x3000 -j NFQUEUE --queue-num %d --queue-bypass
+-A FORWARD -s %s -m connmark --mark 0/0x3000 -j NFQUEUE --queue-num %d --queue-bypass
 -A POSTROUTING -m mark ! --mark 0/0x3000 -j CONNMARK --save-mark --mask 0x3000
 COMMIT
 *nat
 :POSTROUTING ACCEPT [0:0]
--A POSTROUTING -m mark --mark 0x1000/0x3000 -j MASQUERADE
+-A POSTROUTING -m connmark --mark 0x1000/0x3000 -j MASQUERADE
 COMMIT
 `, pod, queueNum)
 }
@@ -317,9 +317,13 @@ type crafted struct {
 	pkt  []byte
 	// more are sent right after pkt (the rest of a fragmented datagram).
 	more [][]byte
-	// queued says whether the packet reaches the node's FORWARD hook
-	// (the node's IP stack and defragmentation drop or hold the rest);
-	// wantStatus is then how it decodes.
+	// queued says whether the packet reaches the queue: the node's IP
+	// stack and defragmentation drop or hold some packets before FORWARD,
+	// and the queue rule takes only packets with a conntrack entry (a
+	// flow whose connmark holds no decision yet), so those conntrack
+	// calls invalid pass untouched, as they would with no agent: without
+	// an entry they could be neither marked nor masqueraded. wantStatus
+	// is how a queued packet decodes.
 	queued     bool
 	wantStatus packet.Status
 }
@@ -431,8 +435,8 @@ func craftedPackets() []crafted {
 	frag6b := v6(44, []byte{17, 0, 0, 16, 0, 0, 0, 10}, whole6[16:])
 
 	return []crafted{
-		{name: "ipv4 udp header cut by total length", pkt: v4(5, udp4()[:4]), queued: true, wantStatus: packet.TruncatedTransport},
-		{name: "ipv4 tcp header cut by total length", pkt: append(ipv4Header(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...), queued: true, wantStatus: packet.TruncatedTransport},
+		{name: "ipv4 udp header cut by total length", pkt: v4(5, udp4()[:4]), queued: false},                                                // conntrack: invalid
+		{name: "ipv4 tcp header cut by total length", pkt: append(ipv4Header(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...), queued: false}, // conntrack: invalid
 		{name: "ipv4 ihl 4", pkt: withByte(v4(5, udp4()), 0, 0x44), queued: false},
 		{name: "ipv4 total length below header length", pkt: put16At(v4(5, udp4()), 2, 12), queued: false},
 		{name: "ipv4 total length beyond the frame", pkt: put16At(v4(5, udp4()), 2, 400), queued: false},
@@ -443,13 +447,13 @@ func craftedPackets() []crafted {
 		{name: "ipv4 datagram in two fragments", pkt: frag4a, more: [][]byte{frag4b}, queued: true, wantStatus: packet.OK},
 		{name: "ipv4 lone first fragment", pkt: append(ipv4Header(17, 16, 5, 0x2000, pod4, dst4), big4[:16]...), queued: false},
 		{name: "ipv4 lone later fragment", pkt: append(ipv4Header(17, 16, 5, 0x0004, pod4, dst4), big4[32:48]...), queued: false},
-		{name: "ipv4 icmp error quoting a pod flow", pkt: append(ipv4Header(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...), queued: true, wantStatus: packet.OK},
+		{name: "ipv4 icmp error quoting a pod flow", pkt: append(ipv4Header(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...), queued: false}, // conntrack: no such flow, invalid
 		{name: "ipv4 icmp echo", pkt: append(ipv4Header(1, len(echo), 5, 0, pod4, dst4), echo...), queued: true, wantStatus: packet.OK},
 		{name: "ipv6 hop-by-hop and destination options", pkt: v6(0, extHdr(60, 1), extHdr(17, 2), udp6()), queued: true, wantStatus: packet.OK},
 		{name: "ipv6 routing header type 0, no segments left", pkt: v6(43, rh0, udp6()), queued: true, wantStatus: packet.OK},
 		{name: "ipv6 extension chain over the bound", pkt: v6(60, chain...), queued: true, wantStatus: packet.BadExtHeader},
-		{name: "ipv6 udp header cut by payload length", pkt: v6(17, udp6()[:4]), queued: true, wantStatus: packet.TruncatedTransport},
-		{name: "ipv6 no next header", pkt: v6(59, make([]byte, 8)), queued: true, wantStatus: packet.OK},
+		{name: "ipv6 udp header cut by payload length", pkt: v6(17, udp6()[:4]), queued: false}, // conntrack: invalid
+		{name: "ipv6 no next header", pkt: v6(59, make([]byte, 8)), queued: false},              // conntrack: invalid
 		{name: "ipv6 payload length beyond the packet", pkt: put16At(v6(17, udp6()), 4, 200), queued: false},
 		{name: "ipv6 header with version 0", pkt: withByte(v6(17, udp6()), 0, 0x00), queued: false},
 		{name: "ipv6 datagram in two fragments", pkt: frag6a, more: [][]byte{frag6b}, queued: true, wantStatus: packet.OK},

@@ -767,7 +767,7 @@ func TestHardenRulesTampering(t *testing.T) {
 		{"delete the queue jump", restore("iptables-restore", "*mangle\n-D FORWARD "+strings.TrimPrefix(saveLine("mangle", "-A FORWARD "), "-A FORWARD ")+"\nCOMMIT\n")},
 		{"reorder the fallback chain", reorder},
 		{"duplicate the masquerade jump", restore("iptables-restore", "*nat\n-I POSTROUTING 1 "+masqJump+"\nCOMMIT\n")},
-		{"remove a chain and its jump", restore("iptables-restore", "*mangle\n-D PREROUTING "+strings.TrimPrefix(saveLine("mangle", "-A PREROUTING "), "-A PREROUTING ")+"\n-F NFMASQ-PREROUTING\n-X NFMASQ-PREROUTING\nCOMMIT\n")},
+		{"remove a chain and its jump", restore("iptables-restore", "*mangle\n-D POSTROUTING "+strings.TrimPrefix(saveLine("mangle", "-A POSTROUTING "), "-A POSTROUTING ")+"\n-F NFMASQ-POSTROUTING\n-X NFMASQ-POSTROUTING\nCOMMIT\n")},
 	}
 	logLines := func() int { return strings.Count(a.out.String(), "rules were changed by another process") }
 	var took []time.Duration
@@ -1354,7 +1354,7 @@ func TestHardenCraftedPackets(t *testing.T) {
 		t.Error("agent not healthy after crafted packets")
 	}
 	checkFlows(t, top, 8701, cases(both(internet4, "node"), both(internal4, "pod"), both(internet6, "node"), both(internal6, "pod")))
-	figure(t, "%d crafted packets: %d reached the queue and were answered (%d counted malformed), the rest stopped by the node's IP stack; 0 panics, 0 verdict errors, queue empty",
+	figure(t, "%d crafted packets: %d reached the queue and were answered (%d counted malformed); the node's IP stack stopped the rest, or forwarded them untouched when conntrack called them invalid; 0 panics, 0 verdict errors, queue empty",
 		len(craftedCases()), queued, malformed)
 }
 
@@ -1383,8 +1383,11 @@ type crafted struct {
 	name string
 	pkt  []byte
 	more [][]byte // sent right after pkt: the rest of a fragmented datagram
-	// queued: the node forwards it, so it reaches the queue; malformed:
-	// the agent's decoder rejects it (answered, left to the fallback).
+	// queued: the node forwards it with a conntrack entry, so it reaches
+	// the queue (packets conntrack calls invalid have no entry, hence no
+	// connmark to hold a decision: they pass untouched, as with no
+	// agent); malformed: the agent's decoder rejects it (answered, left
+	// to the fallback).
 	queued, malformed bool
 }
 
@@ -1479,8 +1482,8 @@ func craftedCases() []crafted {
 	lone6 := udp(pod6, dst6, 40)
 
 	return []crafted{
-		{name: "ipv4 udp header cut by the total length", pkt: v4(5, udp(pod4, dst4, 4)[:4]), queued: true, malformed: true},
-		{name: "ipv4 tcp header cut by the total length", pkt: append(craftIPv4(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...), queued: true, malformed: true},
+		{name: "ipv4 udp header cut by the total length", pkt: v4(5, udp(pod4, dst4, 4)[:4])},                                   // conntrack: invalid
+		{name: "ipv4 tcp header cut by the total length", pkt: append(craftIPv4(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...)}, // conntrack: invalid
 		{name: "ipv4 ihl 4", pkt: setByte(v4(5, udp(pod4, dst4, 4)), 0, 0x44)},
 		{name: "ipv4 ihl 15 beyond the packet", pkt: setByte(v4(5, udp(pod4, dst4, 4)), 0, 0x4f)},
 		{name: "ipv4 total length below the header", pkt: set16(v4(5, udp(pod4, dst4, 4)), 2, 12)},
@@ -1492,18 +1495,18 @@ func craftedCases() []crafted {
 		{name: "ipv4 datagram in two fragments", pkt: frag4a, more: [][]byte{frag4b}, queued: true},
 		{name: "ipv4 lone first fragment", pkt: append(craftIPv4(17, 16, 5, 0x2000, pod4, dst4), lone4[:16]...)},
 		{name: "ipv4 lone non-first fragment", pkt: append(craftIPv4(17, 16, 5, 0x0004, pod4, dst4), lone4[32:48]...)},
-		{name: "ipv4 icmp error quoting a pod flow", pkt: append(craftIPv4(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...), queued: true},
+		{name: "ipv4 icmp error quoting a pod flow", pkt: append(craftIPv4(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...)}, // conntrack: no such flow, invalid
 		{name: "ipv6 hop-by-hop and destination options", pkt: craftIPv6(0, pod6, dst6, craftOpts(60, 1), craftOpts(17, 2), udp(pod6, dst6, 4)), queued: true},
 		{name: "ipv6 routing header type 0, no segments left", pkt: craftIPv6(43, pod6, dst6, []byte{17, 0, 0, 0, 0, 0, 0, 0}, udp(pod6, dst6, 4)), queued: true},
 		{name: "ipv6 extension chain over the bound", pkt: craftIPv6(60, pod6, dst6, chain...), queued: true, malformed: true},
-		{name: "ipv6 udp header cut by the payload length", pkt: craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)[:4]), queued: true, malformed: true},
-		{name: "ipv6 no next header", pkt: craftIPv6(59, pod6, dst6, make([]byte, 8)), queued: true},
+		{name: "ipv6 udp header cut by the payload length", pkt: craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)[:4])}, // conntrack: invalid
+		{name: "ipv6 no next header", pkt: craftIPv6(59, pod6, dst6, make([]byte, 8))},                              // conntrack: invalid
 		{name: "ipv6 payload length beyond the packet", pkt: set16(craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)), 4, 200)},
 		{name: "ipv6 header with version 0", pkt: setByte(craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)), 0, 0x00)},
 		{name: "ipv6 datagram in two fragments", pkt: frag6a, more: [][]byte{frag6b}, queued: true},
 		{name: "ipv6 lone first fragment", pkt: craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 1, 0, 0, 0, 21}, lone6[:16])},
 		{name: "ipv6 lone non-first fragment", pkt: craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 16, 0, 0, 0, 22}, lone6[16:32])},
-		{name: "icmpv6 error quoting a pod flow", pkt: craftIPv6(58, pod6, dst6, icmp6Err), queued: true},
+		{name: "icmpv6 error quoting a pod flow", pkt: craftIPv6(58, pod6, dst6, icmp6Err)}, // conntrack: no such flow, invalid
 	}
 }
 

@@ -24,7 +24,7 @@ func TestRulesCommand(t *testing.T) {
 			args: []string{"--pod-cidr", "10.244.1.0/24"},
 			want: []string{
 				"# IPv4: iptables-restore -w --noflush\n",
-				"-A NFMASQ-FORWARD -s 10.244.1.0/24 -m mark --mark 0x0/0x3000 ",
+				"-A NFMASQ-FORWARD -s 10.244.1.0/24 -m connmark --mark 0x0/0x3000 ",
 				"-j NFQUEUE --queue-num 150 --queue-bypass\n",
 				"-A NFMASQ-FALLBACK -d 100.64.0.0/10 ", // GKE's defaults
 				"-j MASQUERADE --to-ports 32768-65535 --random-fully\n",
@@ -41,9 +41,9 @@ func TestRulesCommand(t *testing.T) {
 				"# IPv6: ipset restore\ncreate nfmasq-nomasq-v6-tmp hash:net family inet6 ",
 				"# IPv4: iptables-legacy-restore -w --noflush\n",
 				"# IPv6: ip6tables-legacy-restore -w --noflush\n",
-				"-s fd00:10:244:1::/64 -m mark --mark 0x0/0x30 ",
+				"-s fd00:10:244:1::/64 -m connmark --mark 0x0/0x30 ",
 				"--queue-balance 200:201 --queue-bypass\n",
-				"-m mark --mark 0x10/0x30 ",
+				"-m connmark --mark 0x10/0x30 ",
 				"-m set --match-set nfmasq-nomasq-v6 dst ",
 				"-j MASQUERADE\n",
 			},

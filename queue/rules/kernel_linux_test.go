@@ -365,8 +365,8 @@ func TestKernelRepairsJumps(t *testing.T) {
 	ctx := context.Background()
 	const mess = "*mangle\n" +
 		"-A FORWARD -m comment --comment \"nfmasq: queue undecided pod flows\" -j NFMASQ-FORWARD\n" +
-		"-I PREROUTING 1 -m comment --comment \"nfmasq: an older comment\" -j NFMASQ-PREROUTING\n" +
-		"COMMIT\n" +
+		"-I POSTROUTING 1 -m comment --comment \"nfmasq: an older comment\" -j NFMASQ-POSTROUTING\n" +
+		"COMMIT\n" + previousLayout +
 		"*nat\n:NFMASQ-OLD - [0:0]\n:NFMASQ-OLDER - [0:0]\n-A NFMASQ-OLD -j NFMASQ-OLDER\n-A NFMASQ-OLDER -j MASQUERADE\n" +
 		"-A POSTROUTING -m mark --mark 0x1/0x1 -j NFMASQ-OLD\n" +
 		"-A POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment \"nfmasq: masquerade decisions for non-local destinations\" -j NFMASQ-POSTROUTING\n" +

@@ -11,8 +11,6 @@ import (
 // layout that must go).
 const (
 	ChainPrefix = "NFMASQ-"
-	// ChainPrerouting (mangle) restores the decision from the connmark.
-	ChainPrerouting = "NFMASQ-PREROUTING"
 	// ChainForward (mangle) queues undecided pod packets.
 	ChainForward = "NFMASQ-FORWARD"
 	// ChainPostrouting exists in mangle (save the decision in the
@@ -66,22 +64,27 @@ func layout(cfg *Config, fam Family) []table {
 			if cfg.QueuePaused {
 				break
 			}
-			forward = append(forward, join("-s", p.String(), "-m mark --mark", "0x0/"+fmt.Sprintf("%#x", m.Mask),
+			forward = append(forward, join("-s", p.String(), "-m connmark --mark", masked(0),
 				comment("undecided pod flow: first packet to the agent"), "-j NFQUEUE", queueTarget(cfg), "--queue-bypass"))
 		}
+		// The decision lives in the connmark only. The verdict's packet
+		// mark is saved there in mangle POSTROUTING, which runs before nat
+		// POSTROUTING, so nat reads the connmark too; later packets are
+		// never marked, so an established packet meets no rule target
+		// (an earlier layout restored the connmark into every packet's
+		// mark in PREROUTING, a target call per packet on the node, and
+		// saved it back per pod packet). A flow that inherits a connmark
+		// (a related flow of a conntrack helper) keeps its master's
+		// decision, as it did then.
 		connmask := fmt.Sprintf("--nfmask %#x --ctmask %#x", m.Mask, m.Mask)
 		tables = append(tables, table{
 			name: "mangle",
 			chains: []chain{
-				{ChainPrerouting, []string{join(comment("restore the decision from the connmark"),
-					"-j CONNMARK --restore-mark", connmask)}},
 				{ChainForward, forward},
-				{ChainPostrouting, []string{join("-m mark ! --mark", "0x0/"+fmt.Sprintf("%#x", m.Mask),
+				{ChainPostrouting, []string{join("-m mark ! --mark", masked(0),
 					comment("save the decision in the connmark"), "-j CONNMARK --save-mark", connmask)}},
 			},
 			jumps: []jump{
-				{from: "PREROUTING", to: ChainPrerouting, insert: true,
-					spec: join(comment("restore flow decisions"), "-j", ChainPrerouting)},
 				{from: "FORWARD", to: ChainForward, insert: true,
 					spec: join(comment("queue undecided pod flows"), "-j", ChainForward)},
 				{from: "POSTROUTING", to: ChainPostrouting, insert: true,
@@ -90,8 +93,8 @@ func layout(cfg *Config, fam Family) []table {
 		})
 
 		post := []string{
-			join("-m mark --mark", masked(m.Masquerade), comment("the agent decided masquerade"), "-j", ChainMasquerade),
-			join("-m mark --mark", masked(m.Passthrough), comment("the agent decided passthrough"), "-j RETURN"),
+			join("-m connmark --mark", masked(m.Masquerade), comment("the agent decided masquerade"), "-j", ChainMasquerade),
+			join("-m connmark --mark", masked(m.Passthrough), comment("the agent decided passthrough"), "-j RETURN"),
 		}
 		tables = append(tables, natTable(cfg, fam, pods, post,
 			[]string{join(comment("later packets skip the queue: the kernel decided"),

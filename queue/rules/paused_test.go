@@ -27,7 +27,7 @@ func TestQueuePausedLayout(t *testing.T) {
 	if strings.Contains(string(paused), "NFQUEUE") {
 		t.Errorf("paused layout still queues:\n%s", paused)
 	}
-	for _, want := range []string{"--set-xmark 0x3000/0x3000", "--restore-mark", "--save-mark", ":" + ChainForward} {
+	for _, want := range []string{"--set-xmark 0x3000/0x3000", "-m connmark --mark 0x1000/0x3000", "--save-mark", ":" + ChainForward} {
 		if !strings.Contains(string(paused), want) {
 			t.Errorf("paused layout lacks %q:\n%s", want, paused)
 		}

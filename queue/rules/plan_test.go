@@ -131,7 +131,8 @@ func TestInstallRepairsJumps(t *testing.T) {
 			"-A POSTROUTING -j NFMASQ-POSTROUTING\nCOMMIT\n", false},
 		{"chain of an older layout", "*nat\n:NFMASQ-OLD - [0:0]\n:NFMASQ-OLDER - [0:0]\n-A NFMASQ-OLD -j NFMASQ-OLDER\n-A NFMASQ-OLDER -j MASQUERADE\n-A OUTPUT -j NFMASQ-OLD\n" +
 			":KUBE-OTHER - [0:0]\n-A KUBE-OTHER -j NFMASQ-OLD\nCOMMIT\n", true},
-		{"jump removed", "*mangle\n-D PREROUTING -m comment --comment \"nfmasq: restore flow decisions\" -j NFMASQ-PREROUTING\nCOMMIT\n", false},
+		{"jump removed", "*mangle\n-D FORWARD -m comment --comment \"nfmasq: queue undecided pod flows\" -j NFMASQ-FORWARD\nCOMMIT\n", false},
+		{"the previous layout's restore chain", previousLayout, true},
 		{"chain flushed", "*nat\n-F NFMASQ-FALLBACK\nCOMMIT\n", false},
 	}
 	for _, tt := range tests {
@@ -439,3 +440,10 @@ func TestRestoreErrorQuotesLine(t *testing.T) {
 		t.Errorf("calls = %q", f.calls)
 	}
 }
+
+// previousLayout is what the layout before this one added and this one
+// dropped: a mangle PREROUTING chain restoring the connmark into every
+// packet's mark. An upgrade must remove it.
+const previousLayout = "*mangle\n:NFMASQ-PREROUTING - [0:0]\n" +
+	"-A NFMASQ-PREROUTING -m comment --comment \"nfmasq: restore the decision from the connmark\" -j CONNMARK --restore-mark --nfmask 0x3000 --ctmask 0x3000\n" +
+	"-I PREROUTING 1 -m comment --comment \"nfmasq: restore flow decisions\" -j NFMASQ-PREROUTING\nCOMMIT\n"
