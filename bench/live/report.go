@@ -338,7 +338,7 @@ is set up on a bare node, measured, and removed:
 - **agent**: ` + "`nfmasq agent`" + ` (built from this tree) with every decision
   written to a file flow log (` + "`--flow-log file:…`" + `). The first packet
   of each flow goes to NFQUEUE; the verdict's mark is saved in the
-  connmark; MASQUERADE acts on the mark. Its kernel fallback (an ipset
+  connmark; MASQUERADE acts on the connmark. Its kernel fallback (an ipset
   above 64 CIDRs) decides only what the agent does not.
 - **chain**: kernel only, ip-masq-agent's layout: one ` + "`-d CIDR -j RETURN`" + `
   rule per non-masquerade CIDR, then MASQUERADE.
