@@ -3,7 +3,6 @@
 package queue_test
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -131,20 +130,12 @@ func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- q.Run(ctx) }()
+	stop := startQueue(b, q)
 	defer func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			b.Error(err)
 		}
 	}()
-	select {
-	case <-q.Ready():
-	case err := <-done:
-		b.Fatal(err)
-	}
 	rs, err := newRawSender(top)
 	if err != nil {
 		b.Fatal(err)
@@ -352,16 +343,12 @@ func BenchmarkKernelEstablished(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- q.Run(ctx) }()
+			stop := startQueue(b, q)
 			defer func() {
-				cancel()
-				if err := <-done; err != nil {
+				if err := stop(); err != nil {
 					b.Error(err)
 				}
 			}()
-			<-q.Ready()
 			rs, err := newRawSender(top)
 			if err != nil {
 				b.Fatal(err)
