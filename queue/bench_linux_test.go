@@ -119,28 +119,7 @@ func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 		defer flog.Close()
 		observer = &loggingObserver{log: flog, next: obs}
 	}
-	q, err := queue.New(queue.Config{
-		QueueNums: []uint16{queue4},
-		Workers:   workers,
-		NetNS:     top.Node.FD(),
-		Marks:     kernelMarks,
-		Policy:    func() *nat.Policy { return pol },
-		Observer:  observer,
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	stop := startQueue(b, q)
-	defer func() {
-		if err := stop(); err != nil {
-			b.Error(err)
-		}
-	}()
-	rs, err := newRawSender(top)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer rs.Close()
+	q, rs := benchQueue(b, top, queue.Config{Workers: workers, Policy: func() *nat.Policy { return pol }, Observer: observer})
 
 	// Distinct (source address, source port) pairs: every packet is the
 	// first of its flow.
@@ -335,25 +314,7 @@ func BenchmarkKernelEstablished(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			obs := &syncObserver{}
-			q, err := queue.New(queue.Config{
-				QueueNums: []uint16{queue4}, NetNS: top.Node.FD(), Marks: kernelMarks,
-				Policy: func() *nat.Policy { return pol }, Observer: obs,
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-			stop := startQueue(b, q)
-			defer func() {
-				if err := stop(); err != nil {
-					b.Error(err)
-				}
-			}()
-			rs, err := newRawSender(top)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer rs.Close()
+			q, rs := benchQueue(b, top, queue.Config{Policy: func() *nat.Policy { return pol }, Observer: &syncObserver{}})
 			src := netip.AddrFrom4([4]byte{10, 244, 0, 2})
 			d := netnstest.UDPDatagram(netip.AddrPortFrom(src, 4000), netip.AddrPortFrom(netnstest.Internet4, 9), make([]byte, 18))
 			pkt := append(ipv4Header(17, len(d), 5, 0, src, netnstest.Internet4), d...)
@@ -385,4 +346,28 @@ func BenchmarkKernelEstablished(b *testing.B) {
 			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/packet")
 		})
 	}
+}
+
+// benchQueue binds queue4 in the node with cfg (queue number, namespace
+// and marks filled in), runs it until the benchmark ends, and opens a raw
+// sender in the pod.
+func benchQueue(b *testing.B, top *netnstest.Topology, cfg queue.Config) (*queue.Queue, *rawSender) {
+	b.Helper()
+	cfg.QueueNums, cfg.NetNS, cfg.Marks = []uint16{queue4}, top.Node.FD(), kernelMarks
+	q, err := queue.New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	stop := startQueue(b, q)
+	b.Cleanup(func() {
+		if err := stop(); err != nil {
+			b.Error(err)
+		}
+	})
+	rs, err := newRawSender(top)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { rs.Close() })
+	return q, rs
 }
