@@ -1,8 +1,8 @@
 // Package rules owns nfmasq's kernel rule set: the iptables chains that
-// send the first packet of each pod flow to NFQUEUE, carry the agent's
-// decision from the packet mark to the connmark and back, masquerade by
-// mark, and decide by themselves (the kernel fallback) whatever the agent
-// did not decide. It knows nothing about YAML or the nat package: its input
+// send the first packet of each pod flow to NFQUEUE, save the agent's
+// decision from that packet's mark in the connmark, masquerade by
+// connmark, and decide by themselves (the kernel fallback) whatever the
+// agent did not decide. It knows nothing about YAML or the nat package: its input
 // is a Config of plain prefixes and numbers.
 //
 // The rule set is a static, owned set. Our chains are rewritten whole by
