@@ -432,7 +432,7 @@ func compareKeys(x, y prefixKey) int {
 // sorted by compareKeys; the two runs are merged.
 func uniqueSorted(prefixes []netip.Prefix) []int32 {
 	const indexBits = 26 // a v4 key is address<<32 | length<<26 | index
-	var v4 []uint64
+	v4 := make([]uint64, 0, len(prefixes))
 	var v6 []prefixKey
 	for i, p := range prefixes {
 		if p.Addr().Is4() && i < 1<<indexBits {
@@ -442,7 +442,7 @@ func uniqueSorted(prefixes []netip.Prefix) []int32 {
 		}
 		v6 = append(v6, keyOf(p, i))
 	}
-	radix.Sort(v4, 0)
+	radix.Sort(v4)
 	slices.SortFunc(v6, compareKeys)
 
 	out := make([]int32, 0, len(prefixes))

@@ -175,7 +175,7 @@ func sortSpans(spans []span, v4 bool) {
 }
 
 // sortPacked4 sorts IPv4 spans as integers packing start, length and index,
-// with a radix sort: at 100,000 prefixes about 5 times faster than
+// with a radix sort: at 100,000 prefixes about 2.8 times faster than
 // slices.Sort on the same keys, itself several times faster than a
 // comparison function. It reports false, leaving spans as they were, if an
 // index needs more than the 26 bits left for it.
@@ -188,7 +188,7 @@ func sortPacked4(spans []span) bool {
 		}
 		keys[i] = s.start.lo<<32 | uint64(s.bits)<<indexBits | uint64(s.index)
 	}
-	radix.Sort(keys, 0)
+	radix.Sort(keys)
 	for i, k := range keys {
 		start := u128{0, k >> 32}
 		bits := int(k >> indexBits & 63)
