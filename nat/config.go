@@ -214,10 +214,15 @@ func ParseConfig(data []byte, opts ParseOptions) (Config, []Warning, error) {
 	if !looksLikeJSON(data) {
 		fast, isFast = fastYAML(data)
 	}
-	if isFast {
+	switch {
+	case isFast:
 		js = fast.js
-	} else if js, isJSON, err = toJSON(data); err != nil {
-		return Config{}, nil, err
+	case looksLikeJSON(data):
+		js, isJSON = data, true
+	default:
+		if js, err = toJSONGeneral(data); err != nil {
+			return Config{}, nil, err
+		}
 	}
 	// MasqConfig is upstream's type name, so type errors read the same
 	// ("... into Go struct field MasqConfig.cidrLimit of type int").
@@ -363,13 +368,12 @@ func (d *duration) UnmarshalJSON(b []byte) error {
 
 // toJSON converts one YAML document to JSON, like apimachinery's
 // yaml.ToJSON (which upstream uses): input that looks like a JSON object is
-// passed through untouched, so its syntax errors are JSON's.
+// passed through untouched, so its syntax errors are JSON's. (Config files
+// try the fast path first, in ParseConfig; egress policies have keys it
+// does not know.)
 func toJSON(data []byte) (js []byte, isJSON bool, err error) {
 	if looksLikeJSON(data) {
 		return data, true, nil
-	}
-	if js, _, ok := fastYAMLToJSON(data); ok {
-		return js, false, nil
 	}
 	js, err = toJSONGeneral(data)
 	return js, false, err

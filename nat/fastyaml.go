@@ -18,48 +18,20 @@ type fastFile struct {
 // cidrsKey is nonMasqueradeCIDRs' bit in fastFile.present.
 var cidrsKey = 1 << slices.Index(configKeys, "nonMasqueradeCIDRs")
 
-// fastYAMLToJSON converts the plain, block-style YAML that operators and
+// fastYAML reads the plain, block-style YAML that operators and
 // generators write for this file (the five known keys, one CIDR per
-// "- item" line or a flow list of CIDRs, comments) to JSON without the
+// "- item" line or a flow list of CIDRs, comments) without the
 // general YAML parser, which costs about 150 ms for a 100,000-CIDR list
 // against a few ms here. It accepts only a strict subset whose meaning is
 // unambiguous: on anything else (quotes, anchors, tags, tabs, documents,
 // unknown or repeated keys, scalars YAML 1.1 could read as numbers,
-// booleans or timestamps) it returns ok=false and the caller uses the
+// booleans or timestamps) it reports false and the caller uses the
 // general parser, so errors and unusual files keep their exact behaviour.
 // FuzzFastYAML checks that whenever it answers, it answers as the general
-// parser does. present is the set of configKeys (bit i for configKeys[i])
-// the file holds, so the caller need not decode the keys again.
-func fastYAMLToJSON(data []byte) (js []byte, present int, ok bool) {
-	f, ok := fastYAML(data)
-	if !ok {
-		return nil, 0, false
-	}
-	if f.present&cidrsKey == 0 {
-		return f.js, f.present, true
-	}
-	js = f.js[:len(f.js)-1] // reopen the object
-	if len(js) > 1 {
-		js = append(js, ',')
-	}
-	js = append(js, `"nonMasqueradeCIDRs":`...)
-	if f.cidrs == nil {
-		js = append(js, "null"...)
-	} else {
-		js = append(js, '[')
-		for i, c := range f.cidrs {
-			if i > 0 {
-				js = append(js, ',')
-			}
-			js = appendQuoted(js, []byte(c))
-		}
-		js = append(js, ']')
-	}
-	return append(js, '}'), f.present, true
-}
-
-// fastYAML is fastYAMLToJSON with the list apart. The CIDR strings share
-// one allocation.
+// parser does. The keys other than nonMasqueradeCIDRs come back as a JSON
+// object (decoded by encoding/json, as upstream decodes the file), the list as
+// strings sharing one allocation, and present says which keys the file
+// holds, so the caller need not decode the keys again.
 func fastYAML(data []byte) (fastFile, bool) {
 	// Printable ASCII and '\n' only: YAML rejects some control characters
 	// and invalid UTF-8 even inside comments, and a lone '\r' breaks lines
