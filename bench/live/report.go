@@ -355,7 +355,10 @@ the chain's worst case.
 - **New flows/s**: a packet socket in the pod writes IPv4/UDP packets, each
   from a new source address/port (a new conntrack entry, so the whole
   first-packet path runs). The remote drops them in raw PREROUTING and
-  counts them by source address. A burst passes when every flow arrived
+  counts them by source address; the bench reads the remote's packet
+  counter only once the send has returned (every millisecond, until
+  200 ms pass with no arrival), so nothing of its own polls during a
+  burst. A burst passes when every flow arrived
   masqueraded, the pod's socket refused none, the sender kept the offered
   pace, and nothing went undecided: the NFMASQ-FALLBACK chain's CONNMARK
   counter (fail-open, bypass, unmarked accepts), the kernel's
