@@ -122,7 +122,7 @@ the markdown report from one.
 	fs.Float64Var(&o.tolerance, "tolerance", 0.03, "the rate search stops when failing and passing rates are within this factor")
 	fs.IntVar(&o.maxTrials, "max-trials", 14, "most bursts per rate search")
 	fs.Float64Var(&o.tcpSeconds, "tcp-seconds", 1, "length of one bulk TCP transfer")
-	fs.IntVar(&o.tcpTransfers, "tcp-transfers", 3, "bulk TCP transfers per measurement (the best counts)")
+	fs.IntVar(&o.tcpTransfers, "tcp-transfers", 5, "bulk TCP transfers per measurement (their median counts)")
 	fs.IntVar(&o.connects, "connects", 2000, "TCP connects per latency measurement")
 	fs.IntVar(&o.reloadCIDRs, "reload-cidrs", 100000, "CIDRs in the config the agent reloads (0: skip the reload measurement)")
 	fs.Float64Var(&o.reloadRate, "reload-rate", 2000, "new flows/s sent while the agent reloads")

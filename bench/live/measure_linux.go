@@ -199,7 +199,7 @@ func (b *bench) measure(ctx context.Context, r *running, s *Sample) error {
 	if s.TCP, err = b.tcpThroughput(ctx, b.opts.tcpTransfers, time.Duration(b.opts.tcpSeconds*float64(time.Second))); err != nil {
 		return err
 	}
-	b.logf("  %s TCP: best %.2f Gbit/s of %d transfers", r.name, s.TCP.BitsPerSecond/1e9, len(s.TCP.Transfers))
+	b.logf("  %s TCP: median %.2f Gbit/s of %d transfers", r.name, s.TCP.BitsPerSecond/1e9, len(s.TCP.Transfers))
 	times, failures, err := b.connectTimes(ctx, b.opts.connects, b.opts.connects/20+10)
 	if err != nil {
 		return err

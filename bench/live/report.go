@@ -191,7 +191,7 @@ func summaryTables(r *Results) string {
 			cell(n, IPSet, func(s Summary) string { return rate(s.Max) }))
 	}
 
-	b.WriteString("\n### Established TCP throughput (best bulk transfer pod → remote through the node)\n\n")
+	b.WriteString("\n### Established TCP throughput (median bulk transfer pod → remote through the node)\n\n")
 	b.WriteString("| CIDRs | agent Gbit/s | chain Gbit/s | ipset Gbit/s | agent ÷ ipset | agent ÷ chain |\n|---:|---:|---:|---:|---:|---:|\n")
 	tcp := func(s Sample) float64 { return s.TCP.BitsPerSecond }
 	gbit := func(s Summary) string { return fmt.Sprintf("%.2f", s.TCPBits/1e9) }
@@ -293,7 +293,7 @@ func renderReport(r *Results, plotDir string) string {
 	if s.Tolerance > 0 {
 		search = fmt.Sprintf(", the rate searched to within %.0f %% in at most %d bursts", 100*s.Tolerance, s.MaxTrials)
 	}
-	fmt.Fprintf(&b, "Settings: CIDR counts %s; %d repetitions; paced bursts of %.1f s (at least %s, at most %s flows)%s; best of %d TCP transfers of %.1f s; %s connects; reload to %s CIDRs under %s new flows/s; agent flags %s.\n\n",
+	fmt.Fprintf(&b, "Settings: CIDR counts %s; %d repetitions; paced bursts of %.1f s (at least %s, at most %s flows)%s; median of %d TCP transfers of %.1f s; %s connects; reload to %s CIDRs under %s new flows/s; agent flags %s.\n\n",
 		joinInts(s.CIDRCounts), s.Reps, s.TrialSeconds, thousands(s.MinFlows), thousands(s.MaxFlows), search, s.TCPTransfers, s.TCPSeconds, thousands(s.Connects),
 		thousands(s.ReloadCIDRs), rate(s.ReloadRate), agentFlags(s.AgentArgs))
 
@@ -380,8 +380,9 @@ the chain's worst case.
   the sender's ` + "`sendto`" + `: "the sender reached N" in an agent burst is the
   pod's own first-packet path at its limit.
 - **Established TCP**: bulk transfers pod → remote on one connection each,
-  rate measured by the receiver; the best transfer counts (interference
-  only slows a transfer down).
+  rate measured by the receiver; the median transfer counts (one
+  setting's transfers vary by a third on this machine, so the best of a
+  few is an outlier, not the path's capacity).
 - **Connect time**: blocking ` + "`connect(2)`" + ` from the pod, one after another,
   each closed with a reset; "added" latency is the agent's percentile
   minus the anchor's, in the same repetition.

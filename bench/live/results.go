@@ -131,10 +131,11 @@ type Undecided struct {
 // Total is the number of flows that were not decided by the agent.
 func (u Undecided) Total() uint64 { return u.Fallback + u.QueueDropped + u.UserDropped }
 
-// TCP is the established-flow throughput: the best of a few bulk
-// transfers through the node. Interference from other work on a shared
-// machine only ever slows a transfer down, so the best one is the
-// dataplane's cost with the least noise in it.
+// TCP is the established-flow throughput: the median of a few bulk
+// transfers through the node. (It was the best one, on the reasoning that
+// interference only slows a transfer down; but one setting's transfers
+// ran from 18 to 25 Gbit/s, also with the two ends pinned to different
+// CPUs, and the best of three picked whichever outlier came up.)
 type TCP struct {
 	BitsPerSecond float64   `json:"bitsPerSecond"`
 	Transfers     []float64 `json:"transfers"` // bits/s of each transfer
