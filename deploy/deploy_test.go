@@ -770,7 +770,7 @@ func TestOnlyNodePrepIsPrivileged(t *testing.T) {
 }
 
 // TestDefaultPolicyHasGKEDefaults checks the example of the policy the
-// egress controller generates (cmd/internal/kube tests that it generates
+// egress controller generates (internal/kube tests that it generates
 // exactly this file).
 func TestDefaultPolicyHasGKEDefaults(t *testing.T) {
 	examples, err := Examples()

@@ -18,13 +18,13 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/queue/conntrack"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/conntrack"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // The DaemonSet grants the agent NET_ADMIN and NET_RAW and nothing else.
-// These tests install the agent's real rule set (queue/rules) inside a
+// These tests install the agent's real rule set (internal/rules) inside a
 // namespace of their own, as uid 0 with exactly the manifest's
 // capabilities as the bounding set and no_new_privs, which is how a
 // container runtime starts the process. They show that the capabilities are

@@ -10,7 +10,7 @@
 # Typical use (this is what CI runs):
 #   hack/kube-apiserver.sh up
 #   eval "$(hack/kube-apiserver.sh env)"
-#   NFMASQ_KUBE=1 go test -race ./cmd/internal/kube/...
+#   NFMASQ_KUBE=1 go test -race ./internal/kube/...
 #   hack/kube-apiserver.sh down
 #
 # Environment:

@@ -3,7 +3,7 @@
 # built by hack/kube-apiserver.sh, and always stops them afterwards.
 # CI calls this from .ci/run; extra arguments go to `go test`.
 #
-#   hack/kube-integration.sh            # go test -race -count=1 ./cmd/internal/kube/...
+#   hack/kube-integration.sh            # go test -race -count=1 ./internal/kube/...
 #   hack/kube-integration.sh -run Pod   # a subset
 #
 # A cold build of the binaries takes minutes (see kube-apiserver.sh); they
@@ -25,4 +25,4 @@ hack/kube-apiserver.sh up
 trap 'hack/kube-apiserver.sh down' EXIT
 eval "$(hack/kube-apiserver.sh env)"
 # NFMASQ_KUBE=1: the integration tests must run, not skip.
-NFMASQ_KUBE=1 go test -race -count=1 "$@" ./cmd/internal/kube/...
+NFMASQ_KUBE=1 go test -race -count=1 "$@" ./internal/kube/...

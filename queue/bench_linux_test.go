@@ -15,9 +15,9 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/queue/flowlog"
-	"github.com/nfmasq/nfmasq/queue/internal/cputime"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/cputime"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // latencyObserver keeps the decision latency of every packet, and wakes

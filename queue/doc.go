@@ -51,7 +51,7 @@
 // Here a queue is bound with three NFQNL_MSG_CONFIG messages in one write,
 // acknowledged through the receive loop itself (so packets that arrive
 // while it binds are answered, not mistaken for a reply). The loop reads
-// up to 64 datagrams per recvmmsg into fixed slots (queue/internal/nl),
+// up to 64 datagrams per recvmmsg into fixed slots (internal/nl),
 // decodes and decides each without allocating (BenchmarkHandle: about
 // 80 ns), and answers the whole batch with one write of concatenated
 // verdict messages: the kernel processes every message of a write in

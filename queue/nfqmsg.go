@@ -3,7 +3,7 @@ package queue
 import (
 	"encoding/binary"
 
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
 // Decoding of what the kernel sends on an nfnetlink_queue socket

@@ -8,7 +8,7 @@ import (
 
 	"github.com/mdlayher/netlink"
 
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
 // packetMsg builds an NFQNL_MSG_PACKET message as the kernel sends it.

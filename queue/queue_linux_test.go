@@ -21,7 +21,7 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 

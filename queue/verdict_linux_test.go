@@ -7,7 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // TestVerdictWritersAllocs sends verdicts, one at a time and in batches, for a queue nobody bound, on a

@@ -14,8 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // metricsAddr is where the agent serves /metrics inside the node.

@@ -1,6 +1,6 @@
 // Command live is the live benchmark of nfmasq's dataplane through the
 // kernel (issue 5): in throw-away network namespaces (pod → node →
-// remote, queue/netnstest) it measures, in one run and on the same
+// remote, internal/sandbox) it measures, in one run and on the same
 // topology, the nfmasq agent against the two kernel-only dataplanes a user
 // would run instead — ip-masq-agent's chain of one rule per CIDR, and one
 // rule over an ipset hash:net — for several sizes of the non-masquerade

@@ -21,8 +21,8 @@ import (
 	"github.com/ti-mo/netfilter"
 
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // Ports the remote serves on the test destination.

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // TestShortRun runs the whole benchmark in -short mode, so the suite

@@ -17,7 +17,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 func init() {

@@ -5,7 +5,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 func TestParseFlags(t *testing.T) {

@@ -332,7 +332,7 @@ func joinInts(v []int) string {
 const methodText = `## What is measured
 
 Three namespaces, pod → node → remote, joined by veth pairs
-(queue/netnstest); the node forwards and does the NAT. Each dataplane
+(internal/sandbox); the node forwards and does the NAT. Each dataplane
 is set up on a bare node, measured, and removed:
 
 - **agent**: ` + "`nfmasq agent`" + ` (built from this tree) with every decision

@@ -21,8 +21,8 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/queue/flowlog"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // agentFlags are the flags of `nfmasq agent` beyond the policy and

@@ -12,9 +12,9 @@ import (
 
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/queue/conntrack"
-	"github.com/nfmasq/nfmasq/queue/flowlog"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/conntrack"
+	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // auditFlags configure the flow log.

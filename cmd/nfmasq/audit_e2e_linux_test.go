@@ -22,9 +22,9 @@ import (
 	ct "github.com/ti-mo/conntrack"
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/queue/conntrack"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/conntrack"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // The audit trail end to end: the real agent writes the flow log while

@@ -17,8 +17,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nfmasq/nfmasq/queue/conntrack"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/conntrack"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // demo builds a throw-away sandbox (pod, node, remote namespaces), runs the

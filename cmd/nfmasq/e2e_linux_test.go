@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 var (

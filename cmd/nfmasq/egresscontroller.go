@@ -18,7 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
-	"github.com/nfmasq/nfmasq/cmd/internal/kube"
+	"github.com/nfmasq/nfmasq/internal/kube"
 )
 
 // egressControllerFlags are the flags of `nfmasq egress-controller`.

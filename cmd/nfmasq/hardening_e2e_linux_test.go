@@ -31,7 +31,7 @@ import (
 	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // The hardening tests inject faults into a running agent in the namespace

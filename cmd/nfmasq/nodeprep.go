@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nfmasq/nfmasq/queue/conntrack"
+	"github.com/nfmasq/nfmasq/internal/conntrack"
 )
 
 // enableAccounting turns on the conntrack sysctls of the caller's network

@@ -9,7 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 var accountingSysctls = []string{

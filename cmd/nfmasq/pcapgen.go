@@ -10,7 +10,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"github.com/spf13/cobra"
 
-	"github.com/nfmasq/nfmasq/bench/pcapgen"
+	"github.com/nfmasq/nfmasq/internal/pcapgen"
 )
 
 func init() { rootCmd.AddCommand(newPcapgenCmd()) }

@@ -11,7 +11,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
-	"github.com/nfmasq/nfmasq/cmd/internal/kube"
+	"github.com/nfmasq/nfmasq/internal/kube"
 )
 
 // kubeClient returns a client when the agent runs in a cluster or was

@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
 func init() { rootCmd.AddCommand(newReplayCmd()) }

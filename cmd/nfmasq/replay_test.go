@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
 // pcapgenFile runs pcapgen into a fresh file and returns its path and

@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/nfmasq/nfmasq/nat"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // dataplaneFlags are the flags that shape the kernel rule set. `nfmasq

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
-	"github.com/nfmasq/nfmasq/queue/rules"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/rules"
 )
 
 // A node that switched backends has rules in both, and both reference the

@@ -7,7 +7,7 @@ import (
 
 	"github.com/gopacket/gopacket/layers"
 
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/replay"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 

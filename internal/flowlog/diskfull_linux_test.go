@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // TestDiskFull fills a tiny tmpfs: writes fail (some half way), the loss is

@@ -14,7 +14,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
 var captureTime = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)

@@ -10,8 +10,8 @@ import (
 
 	"github.com/gopacket/gopacket/layers"
 
-	"github.com/nfmasq/nfmasq/bench/pcapgen"
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/pcapgen"
+	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
 // maxSeedLen caps seeds taken from the captures: the BIG TCP records are

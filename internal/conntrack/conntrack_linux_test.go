@@ -14,7 +14,7 @@ import (
 	"github.com/mdlayher/netlink"
 	ct "github.com/ti-mo/conntrack"
 
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 var podCIDRs = []netip.Prefix{netnstest.PodCIDR4, netnstest.PodCIDR6}

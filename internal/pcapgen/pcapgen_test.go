@@ -12,7 +12,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 
-	"github.com/nfmasq/nfmasq/bench/pcapgen"
+	"github.com/nfmasq/nfmasq/internal/pcapgen"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 

@@ -14,7 +14,7 @@ import (
 	ct "github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
 
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
 // referenceDecode is how the listener decoded a message before

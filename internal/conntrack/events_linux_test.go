@@ -20,9 +20,9 @@ import (
 	"github.com/ti-mo/netfilter"
 	"golang.org/x/sys/unix"
 
-	"github.com/nfmasq/nfmasq/queue/internal/cputime"
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
-	"github.com/nfmasq/nfmasq/queue/netnstest"
+	"github.com/nfmasq/nfmasq/internal/cputime"
+	"github.com/nfmasq/nfmasq/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 var updateCorpus = flag.Bool("update-corpus", false, "write the kernel events TestKernelEvents captures to testdata/fuzz/FuzzDecodeEvent")

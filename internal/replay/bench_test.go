@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
 // BenchmarkReplayInMemory replays a generated capture held in memory, the

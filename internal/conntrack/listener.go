@@ -5,7 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
 // Defaults for Config fields left zero.

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
 // Builders of ctnetlink messages, in the kernel's layout.

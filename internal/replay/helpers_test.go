@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/bench/pcapgen"
+	"github.com/nfmasq/nfmasq/internal/pcapgen"
 	"github.com/nfmasq/nfmasq/nat"
 )
 

@@ -5,7 +5,7 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
 // Decoding of ctnetlink event messages (linux/netfilter/nfnetlink_conntrack.h)

@@ -14,8 +14,8 @@ import (
 
 	"github.com/gopacket/gopacket/layers"
 
-	"github.com/nfmasq/nfmasq/bench/pcapgen"
-	"github.com/nfmasq/nfmasq/bench/replay"
+	"github.com/nfmasq/nfmasq/internal/pcapgen"
+	"github.com/nfmasq/nfmasq/internal/replay"
 	"github.com/nfmasq/nfmasq/nat"
 )
 

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nfmasq/nfmasq/queue/internal/cputime"
+	"github.com/nfmasq/nfmasq/internal/cputime"
 )
 
 // BenchmarkLogCost is the whole cost of a decision record for the
