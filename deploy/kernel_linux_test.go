@@ -16,11 +16,11 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 
-	"github.com/nfmasq/nfmasq/nat"
-	"github.com/nfmasq/nfmasq/queue"
 	"github.com/nfmasq/nfmasq/internal/conntrack"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
 )
 
 // The DaemonSet grants the agent NET_ADMIN and NET_RAW and nothing else.

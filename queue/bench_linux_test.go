@@ -13,11 +13,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nfmasq/nfmasq/internal/cputime"
+	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/internal/flowlog"
-	"github.com/nfmasq/nfmasq/internal/cputime"
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // latencyObserver keeps the decision latency of every packet, and wakes
@@ -100,7 +101,7 @@ func (o *loggingObserver) Decided(ev *queue.Event) {
 func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 	netnstest.Require(b, "iptables-restore", "ip6tables-restore")
 	top := netnstest.NewTopology(b)
-	restore(b, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
+	restore(b, top.Node, "iptables-restore", rulesFor(sandbox.PodCIDR4, queue4))
 	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
 	if err != nil {
 		b.Fatal(err)
@@ -126,12 +127,12 @@ func benchNewFlows(b *testing.B, workers, window int, alternate, logged bool) {
 	pkts := make([][]byte, b.N)
 	for i := range pkts {
 		src := netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + i/50000)})
-		dst := netnstest.Internet4
+		dst := sandbox.Internet4
 		if alternate && i%2 == 1 {
-			dst = netnstest.Internal4
+			dst = sandbox.Internal4
 		}
 		d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(10000+i%50000)), netip.AddrPortFrom(dst, 9), []byte("bench"))
-		pkts[i] = append(ipv4Header(17, len(d), 5, 0, src, dst), d...)
+		pkts[i] = append(netnstest.IPv4Header(17, len(d), 5, 0, src, dst), d...)
 	}
 
 	cpu0 := cputime.Process()
@@ -199,7 +200,7 @@ func BenchmarkKernelFirstPacketRTT(b *testing.B) {
 		b.Run(mode.name, func(b *testing.B) {
 			netnstest.Require(b, "iptables-restore")
 			top := netnstest.NewTopology(b)
-			rules := rulesFor(netnstest.PodCIDR4, queue4)
+			rules := rulesFor(sandbox.PodCIDR4, queue4)
 			if !mode.queue {
 				rules = strings.ReplaceAll(rules, "-j NFQUEUE --queue-num 7 --queue-bypass", "-j MARK --set-xmark 0x1000/0x3000")
 			}
@@ -221,12 +222,12 @@ func BenchmarkKernelFirstPacketRTT(b *testing.B) {
 			}
 			stop := startQueue(b, q)
 			defer stop()
-			sink, err := netnstest.StartSink(top.Remote, []netip.Addr{netnstest.Internet4}, 9600)
+			sink, err := sandbox.StartSink(top.Remote, []netip.Addr{sandbox.Internet4}, 9600)
 			if err != nil {
 				b.Fatal(err)
 			}
 			defer sink.Close()
-			dst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netnstest.Internet4, 9600))
+			dst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(sandbox.Internet4, 9600))
 
 			// Dial the sockets up front, inside the pod: creating one is
 			// not part of what is measured.
@@ -301,11 +302,11 @@ func BenchmarkKernelEstablished(b *testing.B) {
 			top := netnstest.NewTopology(b)
 			switch layout {
 			case "kernel-only":
-				restore(b, top.Node, "iptables-restore", fmt.Sprintf("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s %s -j MASQUERADE\nCOMMIT\n", netnstest.PodCIDR4))
+				restore(b, top.Node, "iptables-restore", fmt.Sprintf("*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s %s -j MASQUERADE\nCOMMIT\n", sandbox.PodCIDR4))
 			case "restore":
-				restore(b, top.Node, "iptables-restore", restoreLayout(netnstest.PodCIDR4, queue4))
+				restore(b, top.Node, "iptables-restore", restoreLayout(sandbox.PodCIDR4, queue4))
 			case "connmark":
-				restore(b, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
+				restore(b, top.Node, "iptables-restore", rulesFor(sandbox.PodCIDR4, queue4))
 			}
 			// The remote drops the flow before conntrack: no replies, no
 			// ICMP errors.
@@ -316,8 +317,8 @@ func BenchmarkKernelEstablished(b *testing.B) {
 			}
 			q, rs := benchQueue(b, top, queue.Config{Policy: func() *nat.Policy { return pol }, Observer: &syncObserver{}})
 			src := netip.AddrFrom4([4]byte{10, 244, 0, 2})
-			d := netnstest.UDPDatagram(netip.AddrPortFrom(src, 4000), netip.AddrPortFrom(netnstest.Internet4, 9), make([]byte, 18))
-			pkt := append(ipv4Header(17, len(d), 5, 0, src, netnstest.Internet4), d...)
+			d := netnstest.UDPDatagram(netip.AddrPortFrom(src, 4000), netip.AddrPortFrom(sandbox.Internet4, 9), make([]byte, 18))
+			pkt := append(netnstest.IPv4Header(17, len(d), 5, 0, src, sandbox.Internet4), d...)
 			// The first packet, decided before the clock starts.
 			if err := rs.send(pkt); err != nil {
 				b.Fatal(err)
@@ -351,7 +352,7 @@ func BenchmarkKernelEstablished(b *testing.B) {
 // benchQueue binds queue4 in the node with cfg (queue number, namespace
 // and marks filled in), runs it until the benchmark ends, and opens a raw
 // sender in the pod.
-func benchQueue(b *testing.B, top *netnstest.Topology, cfg queue.Config) (*queue.Queue, *rawSender) {
+func benchQueue(b *testing.B, top *sandbox.Topology, cfg queue.Config) (*queue.Queue, *rawSender) {
 	b.Helper()
 	cfg.QueueNums, cfg.NetNS, cfg.Marks = []uint16{queue4}, top.Node.FD(), kernelMarks
 	q, err := queue.New(cfg)

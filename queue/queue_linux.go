@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -20,6 +19,7 @@ import (
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/nl"
 )
 
@@ -108,42 +108,30 @@ func (q *Queue) queueTotal(num uint16) (uint32, error) {
 	return 0, nil
 }
 
+// ProcStatsIn reads the kernel's NFQUEUE counters of the network
+// namespace open as nsFD (0: the caller's), for a reader that has no
+// Queue of its own (tests, the live benchmark).
+func ProcStatsIn(nsFD int) ([]ProcStats, error) {
+	f, err := openProcStats(nsFD)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return ReadProcStats(f)
+}
+
 // openProcStats opens the nfnetlink_queue stats of a network namespace.
 // A proc/net file shows the namespace of the thread that opened it for as
-// long as it stays open, so it is opened from a thread switched into netns
+// long as it stays open, so it is opened from a thread switched into nsFD
 // (0: the calling thread's own).
-func openProcStats(netns int) (*os.File, error) {
+func openProcStats(nsFD int) (*os.File, error) {
 	var f *os.File
-	err := inNetNS(netns, func() error {
+	err := netns.Do(nsFD, func() error {
 		var err error
 		f, err = os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
 		return err
 	})
 	return f, err
-}
-
-// inNetNS runs fn on a thread in network namespace netns (0: the caller's
-// own, on a locked thread). Sockets and proc/net files opened there stay
-// in that namespace.
-func inNetNS(netns int, fn func() error) error {
-	if netns == 0 {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		return fn()
-	}
-	done := make(chan error, 1)
-	go func() {
-		// The thread is never unlocked: the goroutine exits locked and
-		// the runtime discards the thread instead of reusing it in the
-		// wrong namespace.
-		runtime.LockOSThread()
-		if err := unix.Setns(netns, unix.CLONE_NEWNET); err != nil {
-			done <- fmt.Errorf("setns: %w", err)
-			return
-		}
-		done <- fn()
-	}()
-	return <-done
 }
 
 // binding is one bound queue number: its socket, the goroutine that reads
@@ -312,10 +300,10 @@ func (b *binding) tuneSocket() error {
 }
 
 // openNetlink opens a blocking NETLINK_NETFILTER socket in network
-// namespace netns (0: the caller's own).
-func openNetlink(netns int) (int, error) {
+// namespace nsFD (0: the caller's own).
+func openNetlink(nsFD int) (int, error) {
 	var fd int
-	err := inNetNS(netns, func() error {
+	err := netns.Do(nsFD, func() error {
 		var err error
 		if fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER); err != nil {
 			return fmt.Errorf("netlink socket: %w", err)

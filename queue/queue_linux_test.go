@@ -19,9 +19,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
+	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 
@@ -53,7 +55,7 @@ COMMIT
 `, pod, queueNum)
 }
 
-func restore(t testing.TB, ns *netnstest.NS, tool, payload string) {
+func restore(t testing.TB, ns *netns.NS, tool, payload string) {
 	t.Helper()
 	cmd := ns.Command(context.Background(), tool)
 	cmd.Stdin = strings.NewReader(payload)
@@ -64,7 +66,7 @@ func restore(t testing.TB, ns *netnstest.NS, tool, payload string) {
 
 // kernelEnv is one topology with rules and a running Queue.
 type kernelEnv struct {
-	top    *netnstest.Topology
+	top    *sandbox.Topology
 	q      *queue.Queue
 	policy *nat.Policy
 	obs    *syncObserver
@@ -99,8 +101,8 @@ func newKernelEnv(t *testing.T, workers int, tune ...func(*queue.Config)) *kerne
 	t.Helper()
 	netnstest.Require(t, "iptables-restore", "ip6tables-restore")
 	top := netnstest.NewTopology(t)
-	restore(t, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
-	restore(t, top.Node, "ip6tables-restore", rulesFor(netnstest.PodCIDR6, queue6))
+	restore(t, top.Node, "iptables-restore", rulesFor(sandbox.PodCIDR4, queue4))
+	restore(t, top.Node, "ip6tables-restore", rulesFor(sandbox.PodCIDR6, queue6))
 
 	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false), EnableIPv6: true})
 	if err != nil {
@@ -167,18 +169,9 @@ func startQueue(tb testing.TB, q *queue.Queue) (stop func() error) {
 
 // procStats reads the node's nfnetlink_queue counters, from the test's
 // side rather than through the Queue.
-func procStats(t *testing.T, ns *netnstest.NS) map[uint16]queue.ProcStats {
+func procStats(t *testing.T, ns *netns.NS) map[uint16]queue.ProcStats {
 	t.Helper()
-	var stats []queue.ProcStats
-	err := ns.Do(func() error {
-		f, err := os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		stats, err = queue.ReadProcStats(f)
-		return err
-	})
+	stats, err := queue.ProcStatsIn(ns.FD())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,22 +182,10 @@ func procStats(t *testing.T, ns *netnstest.NS) map[uint16]queue.ProcStats {
 	return m
 }
 
-// waitUntil polls cond until it holds or the deadline passes.
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(2 * time.Millisecond) // polling kernel state against a deadline
-	}
-}
-
 // sendFlow sends n datagrams on one UDP socket from the pod, each after
 // the previous one's echo, so that conntrack has seen the reply before
 // the next packet.
-func sendFlow(t *testing.T, pod *netnstest.NS, dst netip.AddrPort, n int) {
+func sendFlow(t *testing.T, pod *netns.NS, dst netip.AddrPort, n int) {
 	t.Helper()
 	var c *net.UDPConn
 	if err := pod.Do(func() (err error) {
@@ -230,13 +211,13 @@ func expectedSource(pol *nat.Policy, dst netip.Addr) netip.Addr {
 	masq := pol.Decide(dst).Action == nat.Masquerade
 	switch {
 	case dst.Is4() && masq:
-		return netnstest.NodeAddr4
+		return sandbox.NodeAddr4
 	case dst.Is4():
-		return netnstest.PodAddr4
+		return sandbox.PodAddr4
 	case masq:
-		return netnstest.NodeAddr6
+		return sandbox.NodeAddr6
 	}
-	return netnstest.PodAddr6
+	return sandbox.PodAddr6
 }
 
 // TestKernelFirstPacketOnly sends three-packet UDP flows to every remote
@@ -248,7 +229,7 @@ func TestKernelFirstPacketOnly(t *testing.T) {
 		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) {
 			env := newKernelEnv(t, workers)
 			const port = 9000
-			sink, err := netnstest.StartSink(env.top.Remote, netnstest.Destinations, port)
+			sink, err := sandbox.StartSink(env.top.Remote, sandbox.Destinations, port)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -256,7 +237,7 @@ func TestKernelFirstPacketOnly(t *testing.T) {
 
 			const perFlow = 3
 			wantMasq := 0
-			for _, dst := range netnstest.Destinations {
+			for _, dst := range sandbox.Destinations {
 				sendFlow(t, env.top.Pod, netip.AddrPortFrom(dst, port), perFlow)
 				if env.policy.Decide(dst).Action == nat.Masquerade {
 					wantMasq++
@@ -267,14 +248,14 @@ func TestKernelFirstPacketOnly(t *testing.T) {
 					t.Errorf("remote %v saw source %v, want %v", s.Dst, s.Src, want)
 				}
 			}
-			if wantMasq == 0 || wantMasq == len(netnstest.Destinations) {
+			if wantMasq == 0 || wantMasq == len(sandbox.Destinations) {
 				t.Fatalf("destinations do not exercise both actions (%d masqueraded)", wantMasq)
 			}
 
-			flows := uint64(len(netnstest.Destinations))
+			flows := uint64(len(sandbox.Destinations))
 			// The echo can overtake the handler's bookkeeping after
 			// its verdict; wait for the last event.
-			waitUntil(t, 5*time.Second, "every event", func() bool { return len(env.obs.snapshot()) == int(flows) })
+			netnstest.Poll(t, 5*time.Second, 2*time.Millisecond, "every event", func() bool { return len(env.obs.snapshot()) == int(flows) })
 			st := env.q.Stats()
 			if st.Packets != flows || st.Verdicts != flows || st.Masquerade != uint64(wantMasq) || st.Passthrough != flows-uint64(wantMasq) {
 				t.Errorf("stats %+v: want %d packets (one per flow), %d masqueraded", st, flows, wantMasq)
@@ -328,47 +309,6 @@ type crafted struct {
 	wantStatus packet.Status
 }
 
-// ipID numbers the IPv4 packets the tests build, so that fragments of
-// different datagrams never meet in the node's reassembly queue.
-var ipID atomic.Uint32
-
-func ipv4Header(proto byte, payloadLen int, ihl int, frag uint16, src, dst netip.Addr) []byte {
-	h := make([]byte, ihl*4)
-	h[0] = 0x40 | byte(ihl)
-	binary.BigEndian.PutUint16(h[2:], uint16(ihl*4+payloadLen))
-	binary.BigEndian.PutUint16(h[4:], uint16(ipID.Add(1)))
-	binary.BigEndian.PutUint16(h[6:], frag)
-	h[8], h[9] = 64, proto
-	copy(h[12:], src.AsSlice())
-	copy(h[16:], dst.AsSlice())
-	for i := 20; i < len(h); i++ {
-		h[i] = 1 // NOP options
-	}
-	binary.BigEndian.PutUint16(h[10:], netnstest.Checksum(0, h))
-	return h
-}
-
-func ipv6Packet(nh byte, payloadLen int, src, dst netip.Addr, rest ...[]byte) []byte {
-	b := make([]byte, 40)
-	b[0] = 0x60
-	binary.BigEndian.PutUint16(b[4:], uint16(payloadLen))
-	b[6], b[7] = nh, 64
-	copy(b[8:], src.AsSlice())
-	copy(b[24:], dst.AsSlice())
-	for _, r := range rest {
-		b = append(b, r...)
-	}
-	return b
-}
-
-func total(parts ...[]byte) int {
-	n := 0
-	for _, p := range parts {
-		n += len(p)
-	}
-	return n
-}
-
 func put16At(b []byte, i int, v uint16) []byte {
 	binary.BigEndian.PutUint16(b[i:], v)
 	return b
@@ -379,18 +319,9 @@ func withByte(b []byte, i int, v byte) []byte {
 	return b
 }
 
-// extHdr is an IPv6 options header (hop-by-hop or destination options)
-// of 8*units bytes, padded with a PadN option.
-func extHdr(nh byte, units int) []byte {
-	b := make([]byte, 8*units)
-	b[0], b[1] = nh, byte(units-1)
-	b[2], b[3] = 1, byte(len(b)-4) // PadN
-	return b
-}
-
 func craftedPackets() []crafted {
-	pod4, pod6 := netnstest.PodAddr4, netnstest.PodAddr6
-	dst4, dst6 := netnstest.Internet4, netnstest.Internet6
+	pod4, pod6 := sandbox.PodAddr4, sandbox.PodAddr6
+	dst4, dst6 := sandbox.Internet4, sandbox.Internet6
 	// Every datagram gets a source port of its own: packets of one
 	// 5-tuple after the first carry the saved mark and skip the queue.
 	port := uint16(40000)
@@ -401,13 +332,15 @@ func craftedPackets() []crafted {
 	udp4 := func() []byte { return datagram(pod4, dst4) }
 	udp6 := func() []byte { return datagram(pod6, dst6) }
 	// v4 wraps a UDP datagram in an IPv4 header of ihl words.
-	v4 := func(ihl int, d []byte) []byte { return append(ipv4Header(17, len(d), ihl, 0, pod4, dst4), d...) }
+	v4 := func(ihl int, d []byte) []byte {
+		return append(netnstest.IPv4Header(17, len(d), ihl, 0, pod4, dst4), d...)
+	}
 	// v6 builds an IPv6 packet with a correct payload length.
-	v6 := func(nh byte, parts ...[]byte) []byte { return ipv6Packet(nh, total(parts...), pod6, dst6, parts...) }
+	v6 := func(nh byte, parts ...[]byte) []byte { return netnstest.IPv6Packet(nh, pod6, dst6, parts...) }
 
 	big4 := netnstest.UDPDatagram(netip.AddrPortFrom(pod4, 39001), netip.AddrPortFrom(dst4, 9100), make([]byte, 40))
 	big6 := netnstest.UDPDatagram(netip.AddrPortFrom(pod6, 39001), netip.AddrPortFrom(dst6, 9100), make([]byte, 40))
-	icmpQuote := append(ipv4Header(17, 8, 5, 0, dst4, pod4), netnstest.UDPDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
+	icmpQuote := append(netnstest.IPv4Header(17, 8, 5, 0, dst4, pod4), netnstest.UDPDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
 	icmpErr := append([]byte{3, 3, 0, 0, 0, 0, 0, 0}, icmpQuote...)
 	binary.BigEndian.PutUint16(icmpErr[2:], netnstest.Checksum(0, icmpErr))
 	echo := []byte{8, 0, 0, 0, 0x12, 0x34, 0, 1}
@@ -415,7 +348,7 @@ func craftedPackets() []crafted {
 
 	chain := make([][]byte, 0, packet.MaxExtHeaders+2)
 	for range packet.MaxExtHeaders + 1 {
-		chain = append(chain, extHdr(60, 1))
+		chain = append(chain, netnstest.IPv6Options(60, 1))
 	}
 	chain[len(chain)-1][0] = 17
 	chain = append(chain, udp6())
@@ -426,8 +359,8 @@ func craftedPackets() []crafted {
 	// FORWARD: the queue sees it once, whole.
 	whole4 := netnstest.UDPDatagram(netip.AddrPortFrom(pod4, 39003), netip.AddrPortFrom(dst4, 9100), make([]byte, 40))
 	whole6 := netnstest.UDPDatagram(netip.AddrPortFrom(pod6, 39003), netip.AddrPortFrom(dst6, 9100), make([]byte, 40))
-	frag4a := append(ipv4Header(17, 16, 5, 0x2000, pod4, dst4), whole4[:16]...)
-	frag4b := append(ipv4Header(17, len(whole4)-16, 5, 16/8, pod4, dst4), whole4[16:]...)
+	frag4a := append(netnstest.IPv4Header(17, 16, 5, 0x2000, pod4, dst4), whole4[:16]...)
+	frag4b := append(netnstest.IPv4Header(17, len(whole4)-16, 5, 16/8, pod4, dst4), whole4[16:]...)
 	binary.BigEndian.PutUint16(frag4b[4:], binary.BigEndian.Uint16(frag4a[4:]))
 	binary.BigEndian.PutUint16(frag4b[10:], 0)
 	binary.BigEndian.PutUint16(frag4b[10:], netnstest.Checksum(0, frag4b[:20]))
@@ -435,21 +368,21 @@ func craftedPackets() []crafted {
 	frag6b := v6(44, []byte{17, 0, 0, 16, 0, 0, 0, 10}, whole6[16:])
 
 	return []crafted{
-		{name: "ipv4 udp header cut by total length", pkt: v4(5, udp4()[:4]), queued: false},                                                // conntrack: invalid
-		{name: "ipv4 tcp header cut by total length", pkt: append(ipv4Header(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...), queued: false}, // conntrack: invalid
+		{name: "ipv4 udp header cut by total length", pkt: v4(5, udp4()[:4]), queued: false},                                                          // conntrack: invalid
+		{name: "ipv4 tcp header cut by total length", pkt: append(netnstest.IPv4Header(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...), queued: false}, // conntrack: invalid
 		{name: "ipv4 ihl 4", pkt: withByte(v4(5, udp4()), 0, 0x44), queued: false},
 		{name: "ipv4 total length below header length", pkt: put16At(v4(5, udp4()), 2, 12), queued: false},
 		{name: "ipv4 total length beyond the frame", pkt: put16At(v4(5, udp4()), 2, 400), queued: false},
 		{name: "version 5 as ipv4", pkt: withByte(v4(5, udp4()), 0, 0x55), queued: false},
 		{name: "non-IP bytes as ipv4", pkt: []byte("this is not an IP packet at all, just bytes"), queued: false},
 		{name: "ipv4 options", pkt: v4(7, udp4()), queued: true, wantStatus: packet.OK},
-		{name: "ipv4 unknown protocol", pkt: append(ipv4Header(253, 16, 5, 0, pod4, dst4), []byte("not a transport!")...), queued: true, wantStatus: packet.OK},
+		{name: "ipv4 unknown protocol", pkt: append(netnstest.IPv4Header(253, 16, 5, 0, pod4, dst4), []byte("not a transport!")...), queued: true, wantStatus: packet.OK},
 		{name: "ipv4 datagram in two fragments", pkt: frag4a, more: [][]byte{frag4b}, queued: true, wantStatus: packet.OK},
-		{name: "ipv4 lone first fragment", pkt: append(ipv4Header(17, 16, 5, 0x2000, pod4, dst4), big4[:16]...), queued: false},
-		{name: "ipv4 lone later fragment", pkt: append(ipv4Header(17, 16, 5, 0x0004, pod4, dst4), big4[32:48]...), queued: false},
-		{name: "ipv4 icmp error quoting a pod flow", pkt: append(ipv4Header(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...), queued: false}, // conntrack: no such flow, invalid
-		{name: "ipv4 icmp echo", pkt: append(ipv4Header(1, len(echo), 5, 0, pod4, dst4), echo...), queued: true, wantStatus: packet.OK},
-		{name: "ipv6 hop-by-hop and destination options", pkt: v6(0, extHdr(60, 1), extHdr(17, 2), udp6()), queued: true, wantStatus: packet.OK},
+		{name: "ipv4 lone first fragment", pkt: append(netnstest.IPv4Header(17, 16, 5, 0x2000, pod4, dst4), big4[:16]...), queued: false},
+		{name: "ipv4 lone later fragment", pkt: append(netnstest.IPv4Header(17, 16, 5, 0x0004, pod4, dst4), big4[32:48]...), queued: false},
+		{name: "ipv4 icmp error quoting a pod flow", pkt: append(netnstest.IPv4Header(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...), queued: false}, // conntrack: no such flow, invalid
+		{name: "ipv4 icmp echo", pkt: append(netnstest.IPv4Header(1, len(echo), 5, 0, pod4, dst4), echo...), queued: true, wantStatus: packet.OK},
+		{name: "ipv6 hop-by-hop and destination options", pkt: v6(0, netnstest.IPv6Options(60, 1), netnstest.IPv6Options(17, 2), udp6()), queued: true, wantStatus: packet.OK},
 		{name: "ipv6 routing header type 0, no segments left", pkt: v6(43, rh0, udp6()), queued: true, wantStatus: packet.OK},
 		{name: "ipv6 extension chain over the bound", pkt: v6(60, chain...), queued: true, wantStatus: packet.BadExtHeader},
 		{name: "ipv6 udp header cut by payload length", pkt: v6(17, udp6()[:4]), queued: false}, // conntrack: invalid
@@ -464,14 +397,14 @@ func craftedPackets() []crafted {
 // sendRaw sends IP packets from the pod as Ethernet frames to the node
 // (a packet socket, so that nothing in the pod's own stack checks or
 // fixes them: bad header lengths and versions reach the node as written).
-func sendRaw(t *testing.T, top *netnstest.Topology, pkts ...[]byte) {
+func sendRaw(t *testing.T, top *sandbox.Topology, pkts ...[]byte) {
 	t.Helper()
 	if err := trySendRaw(top, pkts...); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func trySendRaw(top *netnstest.Topology, pkts ...[]byte) error {
+func trySendRaw(top *sandbox.Topology, pkts ...[]byte) error {
 	rs, err := newRawSender(top)
 	if err != nil {
 		return err
@@ -490,7 +423,7 @@ type rawSender struct {
 	sa4, sa6 unix.SockaddrLinklayer
 }
 
-func newRawSender(top *netnstest.Topology) (*rawSender, error) {
+func newRawSender(top *sandbox.Topology) (*rawSender, error) {
 	rs := &rawSender{fd: -1}
 	if err := top.Node.Do(func() error {
 		ifi, err := net.InterfaceByName("pod0")
@@ -545,7 +478,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 // status, and nothing panics; a normal flow still works afterwards.
 func TestKernelCraftedPackets(t *testing.T) {
 	env := newKernelEnv(t, 0)
-	sentinels, err := netnstest.StartSink(env.top.Remote, []netip.Addr{netnstest.Internal4, netnstest.Internal6}, 9200)
+	sentinels, err := sandbox.StartSink(env.top.Remote, []netip.Addr{sandbox.Internal4, sandbox.Internal6}, 9200)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -559,7 +492,7 @@ func TestKernelCraftedPackets(t *testing.T) {
 			num = queue6
 		}
 		if c.queued {
-			waitUntil(t, 5*time.Second, c.name+" to be answered", func() bool {
+			netnstest.Poll(t, 5*time.Second, 2*time.Millisecond, c.name+" to be answered", func() bool {
 				p := procStats(t, env.top.Node)[num]
 				return p.IDSequence == before[num].IDSequence+1 && p.QueueTotal == 0 && len(env.obs.snapshot()) == events+1
 			})
@@ -581,8 +514,8 @@ func TestKernelCraftedPackets(t *testing.T) {
 		}
 		// A packet the node does not forward must not reach the queue;
 		// a sentinel flow sent after it shows the path has been flushed.
-		sendFlow(t, env.top.Pod, netip.AddrPortFrom(netnstest.Internal4, 9200), 1)
-		sendFlow(t, env.top.Pod, netip.AddrPortFrom(netnstest.Internal6, 9200), 1)
+		sendFlow(t, env.top.Pod, netip.AddrPortFrom(sandbox.Internal4, 9200), 1)
+		sendFlow(t, env.top.Pod, netip.AddrPortFrom(sandbox.Internal6, 9200), 1)
 		after := procStats(t, env.top.Node)
 		if got := after[num].IDSequence - before[num].IDSequence; got != 1 {
 			t.Errorf("%s: %d packets queued on queue %d, want only the sentinel flow's", c.name, got, num)
@@ -590,7 +523,7 @@ func TestKernelCraftedPackets(t *testing.T) {
 	}
 	// A packet leaves the kernel when its verdict is written, and is
 	// counted as answered just after: wait for the counters to catch up.
-	waitUntil(t, 5*time.Second, "every packet counted as answered", func() bool {
+	netnstest.Poll(t, 5*time.Second, 2*time.Millisecond, "every packet counted as answered", func() bool {
 		st := env.q.Stats()
 		return st.Packets == st.Verdicts+st.VerdictErrors
 	})
@@ -600,13 +533,13 @@ func TestKernelCraftedPackets(t *testing.T) {
 	}
 	t.Logf("undecided by outcome %v, malformed by status %v", st.Undecided, st.Malformed)
 	// The queue still decides ordinary traffic correctly.
-	sink, err := netnstest.StartSink(env.top.Remote, []netip.Addr{netnstest.Internet4, netnstest.Internet6}, 9300)
+	sink, err := sandbox.StartSink(env.top.Remote, []netip.Addr{sandbox.Internet4, sandbox.Internet6}, 9300)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sink.Close()
-	sendFlow(t, env.top.Pod, netip.AddrPortFrom(netnstest.Internet4, 9300), 2)
-	sendFlow(t, env.top.Pod, netip.AddrPortFrom(netnstest.Internet6, 9300), 2)
+	sendFlow(t, env.top.Pod, netip.AddrPortFrom(sandbox.Internet4, 9300), 2)
+	sendFlow(t, env.top.Pod, netip.AddrPortFrom(sandbox.Internet6, 9300), 2)
 	for _, s := range sink.Seen() {
 		if want := expectedSource(env.policy, s.Dst.Addr()); s.Src.Addr() != want {
 			t.Errorf("after crafted packets, remote %v saw %v, want %v", s.Dst, s.Src, want)
@@ -627,7 +560,7 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 	const drainTimeout = 30 * time.Second
 	env := newKernelEnv(t, 0, func(c *queue.Config) { c.DrainTimeout = drainTimeout })
 	const port, perBatch = 9400, 200
-	sink, err := netnstest.StartSink(env.top.Remote, []netip.Addr{netnstest.Internet4}, port)
+	sink, err := sandbox.StartSink(env.top.Remote, []netip.Addr{sandbox.Internet4}, port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -639,8 +572,8 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 		pkts := make([][]byte, n)
 		for i := range pkts {
 			src++
-			d := netnstest.UDPDatagram(netip.AddrPortFrom(netnstest.PodAddr4, src), netip.AddrPortFrom(netnstest.Internet4, port), []byte("stop test"))
-			pkts[i] = append(ipv4Header(17, len(d), 5, 0, netnstest.PodAddr4, netnstest.Internet4), d...)
+			d := netnstest.UDPDatagram(netip.AddrPortFrom(sandbox.PodAddr4, src), netip.AddrPortFrom(sandbox.Internet4, port), []byte("stop test"))
+			pkts[i] = append(netnstest.IPv4Header(17, len(d), 5, 0, sandbox.PodAddr4, sandbox.Internet4), d...)
 		}
 		return pkts
 	}
@@ -652,7 +585,7 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 	// The first read's batch is answered before the observer stalls; the
 	// rest waits in the kernel.
 	var piled int
-	waitUntil(t, 10*time.Second, "the queue to pile up", func() bool {
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "the queue to pile up", func() bool {
 		piled = int(procStats(t, env.top.Node)[queue4].QueueTotal)
 		return piled > 0 && piled+arrived() == perBatch
 	})
@@ -660,7 +593,7 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 	env.cancel()
 	// Probe with new flows until one gets through: from then on the
 	// kernel no longer queues.
-	waitUntil(t, 10*time.Second, "new flows to bypass the stopping queue", func() bool {
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "new flows to bypass the stopping queue", func() bool {
 		sendRaw(t, env.top, newFlows(1)...)
 		sent++
 		return arrived() > 1
@@ -668,7 +601,7 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 	before := arrived()
 	sendRaw(t, env.top, newFlows(perBatch)...)
 	sent += perBatch
-	waitUntil(t, 10*time.Second, "flows sent after stop to arrive while the queue is stalled", func() bool {
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "flows sent after stop to arrive while the queue is stalled", func() bool {
 		return arrived() >= before+perBatch
 	})
 	select {
@@ -696,7 +629,7 @@ func TestKernelStopAnswersEverything(t *testing.T) {
 	if st.Packets != st.Verdicts || st.Skipped != 0 || st.VerdictErrors != 0 {
 		t.Errorf("stats after stop: %+v", st)
 	}
-	waitUntil(t, 10*time.Second, "every packet at the remote", func() bool { return arrived() == sent })
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "every packet at the remote", func() bool { return arrived() == sent })
 }
 
 // TestKernelBindConflict: a queue number held by another listener is an
@@ -722,13 +655,13 @@ func TestKernelBindConflict(t *testing.T) {
 		t.Error("queue bound before the failure is still bound")
 	}
 	// The first Queue is unaffected.
-	sink, err := netnstest.StartSink(env.top.Remote, []netip.Addr{netnstest.Internet4}, 9500)
+	sink, err := sandbox.StartSink(env.top.Remote, []netip.Addr{sandbox.Internet4}, 9500)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sink.Close()
-	sendFlow(t, env.top.Pod, netip.AddrPortFrom(netnstest.Internet4, 9500), 1)
-	waitUntil(t, 5*time.Second, "the flow's decision", func() bool { return env.q.Stats().Masquerade == 1 })
+	sendFlow(t, env.top.Pod, netip.AddrPortFrom(sandbox.Internet4, 9500), 1)
+	netnstest.Poll(t, 5*time.Second, 2*time.Millisecond, "the flow's decision", func() bool { return env.q.Stats().Masquerade == 1 })
 }
 
 // TestKernelSocketOverflowCounted stalls the queue with a tiny socket
@@ -741,7 +674,7 @@ func TestKernelSocketOverflowCounted(t *testing.T) {
 		c.MaxQueueLen = 10000
 	})
 	const port, flows = 9700, 300
-	sink, err := netnstest.StartSink(env.top.Remote, []netip.Addr{netnstest.Internet4}, port)
+	sink, err := sandbox.StartSink(env.top.Remote, []netip.Addr{sandbox.Internet4}, port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -751,17 +684,17 @@ func TestKernelSocketOverflowCounted(t *testing.T) {
 
 	pkts := make([][]byte, flows)
 	for i := range pkts {
-		d := netnstest.UDPDatagram(netip.AddrPortFrom(netnstest.PodAddr4, uint16(30000+i)), netip.AddrPortFrom(netnstest.Internet4, port), []byte("overflow"))
-		pkts[i] = append(ipv4Header(17, len(d), 5, 0, netnstest.PodAddr4, netnstest.Internet4), d...)
+		d := netnstest.UDPDatagram(netip.AddrPortFrom(sandbox.PodAddr4, uint16(30000+i)), netip.AddrPortFrom(sandbox.Internet4, port), []byte("overflow"))
+		pkts[i] = append(netnstest.IPv4Header(17, len(d), 5, 0, sandbox.PodAddr4, sandbox.Internet4), d...)
 	}
 	sendRaw(t, env.top, pkts...)
 	close(gate)
-	waitUntil(t, 10*time.Second, "the queue to drain", func() bool {
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "the queue to drain", func() bool {
 		return procStats(t, env.top.Node)[queue4].QueueTotal == 0
 	})
 	// A gap shows when the next packet arrives: send one more flow.
-	sendFlow(t, env.top.Pod, netip.AddrPortFrom(netnstest.Internet4, port), 1)
-	waitUntil(t, 10*time.Second, "every id accounted for", func() bool {
+	sendFlow(t, env.top.Pod, netip.AddrPortFrom(sandbox.Internet4, port), 1)
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "every id accounted for", func() bool {
 		p := procStats(t, env.top.Node)[queue4]
 		st := env.q.Stats()
 		// More than flows+1 ids: the pod answers the remote's echoes
@@ -819,7 +752,7 @@ func TestKernelStartStopCycles(t *testing.T) {
 	for range cycles {
 		cycle()
 	}
-	waitUntil(t, 5*time.Second, "goroutines to finish", func() bool { return runtime.NumGoroutine() <= goroutines })
+	netnstest.Poll(t, 5*time.Second, 2*time.Millisecond, "goroutines to finish", func() bool { return runtime.NumGoroutine() <= goroutines })
 	if got := openFDs(); got > fds {
 		t.Errorf("%d file descriptors open after %d cycles, %d before", got, cycles, fds)
 	}
@@ -837,7 +770,7 @@ func TestKernelStartStopCycles(t *testing.T) {
 func TestKernelBindUnderLoad(t *testing.T) {
 	netnstest.Require(t, "iptables-restore")
 	top := netnstest.NewTopology(t)
-	restore(t, top.Node, "iptables-restore", rulesFor(netnstest.PodCIDR4, queue4))
+	restore(t, top.Node, "iptables-restore", rulesFor(sandbox.PodCIDR4, queue4))
 	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
 	if err != nil {
 		t.Fatal(err)
@@ -866,8 +799,8 @@ func TestKernelBindUnderLoad(t *testing.T) {
 			for j := range pkts {
 				n := i + j
 				src := netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + n/60000)})
-				d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(1024+n%60000)), netip.AddrPortFrom(netnstest.Internet4, 9), []byte("bind"))
-				pkts[j] = append(ipv4Header(17, len(d), 5, 0, src, netnstest.Internet4), d...)
+				d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(1024+n%60000)), netip.AddrPortFrom(sandbox.Internet4, 9), []byte("bind"))
+				pkts[j] = append(netnstest.IPv4Header(17, len(d), 5, 0, src, sandbox.Internet4), d...)
 			}
 			if err := rs.send(pkts...); err != nil && !errors.Is(err, unix.ENOBUFS) {
 				sent <- err
@@ -888,7 +821,7 @@ func TestKernelBindUnderLoad(t *testing.T) {
 			t.Fatal(err)
 		}
 		stop := startQueue(t, q) // fails the test if the bind under load fails
-		waitUntil(t, 10*time.Second, "packets answered", func() bool { return q.Stats().Masquerade > 100 })
+		netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "packets answered", func() bool { return q.Stats().Masquerade > 100 })
 		if err := stop(); err != nil {
 			t.Fatalf("cycle %d: Run: %v", cycle, err)
 		}

@@ -14,8 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 // metricsAddr is where the agent serves /metrics inside the node.
@@ -84,7 +84,7 @@ func (b *bench) startAgent(ctx context.Context, cfgPath string, extra []string) 
 		return nil, err
 	}
 	args := []string{b.opts.agentBin, "agent",
-		"--pod-cidr", netnstest.PodCIDR4.String(),
+		"--pod-cidr", sandbox.PodCIDR4.String(),
 		"--config", cfgPath,
 		"--metrics-addr", metricsAddr,
 		"--flow-log", "file:" + filepath.Join(dir, "flows.log"),
@@ -122,7 +122,7 @@ func (b *bench) startAgent(ctx context.Context, cfgPath string, extra []string) 
 		case <-readyCtx.Done():
 		}
 	}()
-	if err := netnstest.WaitHTTP(readyCtx, b.http, "http://"+metricsAddr+"/readyz"); err != nil {
+	if err := sandbox.WaitHTTP(readyCtx, b.http, "http://"+metricsAddr+"/readyz"); err != nil {
 		a.stop()
 		return nil, fmt.Errorf("agent not ready: %w\n%s", err, a.tail(20))
 	}

@@ -20,9 +20,9 @@ import (
 	"github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
 
-	"github.com/nfmasq/nfmasq/queue"
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
+	"github.com/nfmasq/nfmasq/queue"
 )
 
 // Ports the remote serves on the test destination.
@@ -36,7 +36,7 @@ const (
 // its own and stop with Close.
 type bench struct {
 	opts      options
-	top       *netnstest.Topology
+	top       *sandbox.Topology
 	backend   rules.Backend
 	installer *rules.Installer
 	ct        *conntrack.Conn // in the node
@@ -56,7 +56,7 @@ type rateKey struct {
 }
 
 func newBench(ctx context.Context, opts options, progress io.Writer) (_ *bench, err error) {
-	top, err := netnstest.Build("live")
+	top, err := sandbox.Build("live")
 	if err != nil {
 		return nil, fmt.Errorf("build the namespaces: %w", err)
 	}
@@ -76,7 +76,7 @@ func newBench(ctx context.Context, opts options, progress io.Writer) (_ *bench, 
 	// The remote drops the test flows in raw PREROUTING (no conntrack, no
 	// ICMP unreachable sent back through the node) and counts them by the
 	// source they arrive with.
-	for _, src := range []string{netnstest.NodeAddr4.String() + "/32", netnstest.PodCIDR4.String(), "0.0.0.0/0"} {
+	for _, src := range []string{sandbox.NodeAddr4.String() + "/32", sandbox.PodCIDR4.String(), "0.0.0.0/0"} {
 		if _, err := top.Remote.Try("iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-s", src, "-d", opts.dst.String()+"/32",
 			"-p", "udp", "-j", "DROP"); err != nil {
 			return nil, err
@@ -136,8 +136,8 @@ func (b *bench) snapshot(ctx context.Context, agent bool) (counters, error) {
 		return c, err
 	}
 	rs := ruleCounters(save, "PREROUTING")
-	c.masq = counterOf(rs, "-s "+netnstest.NodeAddr4.String()+"/32")
-	c.pod = counterOf(rs, "-s "+netnstest.PodCIDR4.String())
+	c.masq = counterOf(rs, "-s "+sandbox.NodeAddr4.String()+"/32")
+	c.pod = counterOf(rs, "-s "+sandbox.PodCIDR4.String())
 	c.all = counterOf(rs, "-j DROP")
 	if !agent {
 		return c, nil
@@ -173,18 +173,7 @@ func (b *bench) tool(kind string) string {
 // procQueues reads the kernel's queue counters in the node; none when no
 // queue is bound.
 func (b *bench) procQueues() []queue.ProcStats {
-	var stats []queue.ProcStats
-	_ = b.top.Node.Do(func() error {
-		// thread-self: /proc/net follows the thread's namespace only
-		// through this path.
-		f, err := os.Open("/proc/thread-self/net/netfilter/nfnetlink_queue")
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		stats, err = queue.ReadProcStats(f)
-		return err
-	})
+	stats, _ := queue.ProcStatsIn(b.top.Node.FD())
 	return stats
 }
 
@@ -334,7 +323,7 @@ func (c *arrivalClock) Close() error {
 // kernelPrefixes is the list the kernel rules match for the policy.
 func kernelConfig(nonMasq []netip.Prefix, threshold int) rules.Config {
 	cfg := rules.DefaultConfig()
-	cfg.PodCIDRs = []netip.Prefix{netnstest.PodCIDR4}
+	cfg.PodCIDRs = []netip.Prefix{sandbox.PodCIDR4}
 	cfg.NonMasquerade4 = nonMasq
 	cfg.QueueEnabled = false
 	cfg.IPSetThreshold = threshold

@@ -10,9 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 	"golang.org/x/sys/unix"
-
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // flowSender writes IPv4/UDP packets, each the first of a new flow, from
@@ -31,8 +30,8 @@ type flowSender struct {
 	buf  [flowPacketSz]byte
 }
 
-func newFlowSender(top *netnstest.Topology, dst netip.Addr) (*flowSender, error) {
-	s := &flowSender{fd: -1, pod: netnstest.PodCIDR4, dst: dst}
+func newFlowSender(top *sandbox.Topology, dst netip.Addr) (*flowSender, error) {
+	s := &flowSender{fd: -1, pod: sandbox.PodCIDR4, dst: dst}
 	var gw net.HardwareAddr
 	if err := top.Node.Do(func() error {
 		ifi, err := net.InterfaceByName("pod0")

@@ -11,9 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"golang.org/x/sys/unix"
-
-	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // bulkServer receives bulk transfers in the remote namespace and reports,
@@ -29,7 +28,7 @@ type bulkResult struct {
 	first, last time.Time
 }
 
-func startBulkServer(ns *netnstest.NS, addr netip.AddrPort) (*bulkServer, error) {
+func startBulkServer(ns *netns.NS, addr netip.AddrPort) (*bulkServer, error) {
 	s := &bulkServer{results: make(chan bulkResult, 4)}
 	if err := ns.Do(func() (err error) {
 		s.ln, err = net.ListenTCP("tcp", net.TCPAddrFromAddrPort(addr))
@@ -131,7 +130,7 @@ func (b *bench) bulkTransfer(ctx context.Context, d time.Duration) (float64, err
 }
 
 // startAcceptServer accepts and closes connections in the remote.
-func startAcceptServer(ns *netnstest.NS, addr netip.AddrPort) (net.Listener, error) {
+func startAcceptServer(ns *netns.NS, addr netip.AddrPort) (net.Listener, error) {
 	var ln net.Listener
 	if err := ns.Do(func() (err error) {
 		ln, err = net.Listen("tcp", addr.String())

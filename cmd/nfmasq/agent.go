@@ -19,10 +19,10 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nfmasq/nfmasq/nat"
-	"github.com/nfmasq/nfmasq/queue"
 	"github.com/nfmasq/nfmasq/internal/flowlog"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
 )
 
 // agentFlags are the flags of `nfmasq agent` beyond the policy and

@@ -10,11 +10,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 
-	"github.com/nfmasq/nfmasq/nat"
-	"github.com/nfmasq/nfmasq/queue"
 	"github.com/nfmasq/nfmasq/internal/conntrack"
 	"github.com/nfmasq/nfmasq/internal/flowlog"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/nat"
+	"github.com/nfmasq/nfmasq/queue"
 )
 
 // auditFlags configure the flow log.

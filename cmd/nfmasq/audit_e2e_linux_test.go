@@ -23,8 +23,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nfmasq/nfmasq/internal/conntrack"
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 // The audit trail end to end: the real agent writes the flow log while
@@ -216,16 +218,16 @@ var auditDsts = []auditDst{
 }
 
 // addSecondPodAddrs gives the pod a second address in each family.
-func addSecondPodAddrs(t *testing.T, top *netnstest.Topology) {
+func addSecondPodAddrs(t *testing.T, top *sandbox.Topology) {
 	t.Helper()
-	top.Pod.Run(t, "ip", "addr", "add", netip.PrefixFrom(podAddr4b, 24).String(), "dev", "eth0")
-	top.Pod.Run(t, "ip", "-6", "addr", "add", netip.PrefixFrom(podAddr6b, 64).String(), "dev", "eth0", "nodad")
+	netnstest.Run(t, top.Pod, "ip", "addr", "add", netip.PrefixFrom(podAddr4b, 24).String(), "dev", "eth0")
+	netnstest.Run(t, top.Pod, "ip", "-6", "addr", "add", netip.PrefixFrom(podAddr6b, 64).String(), "dev", "eth0", "nodad")
 }
 
 // sendFlows runs each flow to completion from inside ns: UDP datagrams
 // each wait for their echo, TCP connects, sends, half-closes and reads the
 // remote's "ok" to the end.
-func sendFlows(ns *netnstest.NS, flows []auditFlow) error {
+func sendFlows(ns *netns.NS, flows []auditFlow) error {
 	return ns.Do(func() error {
 		var errs []error
 		for _, f := range flows {
@@ -295,7 +297,7 @@ type seenKey struct {
 }
 
 // seenSet counts what the remote recorded, by flow as it saw it.
-func seenSet(seen []netnstest.Seen) map[seenKey]int {
+func seenSet(seen []sandbox.Seen) map[seenKey]int {
 	m := map[seenKey]int{}
 	for _, s := range seen {
 		m[seenKey{s.Proto, s.Src, s.Dst}]++
@@ -305,7 +307,7 @@ func seenSet(seen []netnstest.Seen) map[seenKey]int {
 
 // waitSeen waits until the remote recorded every datagram and connection
 // of flows.
-func waitSeen(t *testing.T, sink *netnstest.Sink, flows []auditFlow) []netnstest.Seen {
+func waitSeen(t *testing.T, sink *sandbox.Sink, flows []auditFlow) []sandbox.Seen {
 	t.Helper()
 	want := 0
 	for _, f := range flows {
@@ -317,7 +319,7 @@ func waitSeen(t *testing.T, sink *netnstest.Sink, flows []auditFlow) []netnstest
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	seen, err := sink.WaitFor(ctx, func(s []netnstest.Seen) bool { return len(s) >= want })
+	seen, err := sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return len(s) >= want })
 	if err != nil {
 		t.Fatalf("%v: the remote recorded %d of %d datagrams and connections", err, len(seen), want)
 	}
@@ -328,7 +330,7 @@ func waitSeen(t *testing.T, sink *netnstest.Sink, flows []auditFlow) []netnstest
 // in the node is in TIME_WAIT or CLOSE: the connection's last ACK has
 // crossed the node. Deleting an entry earlier would let a late ACK create
 // a new entry (nf_conntrack_tcp_loose), a flow the test never sent.
-func waitTCPClosed(t *testing.T, top *netnstest.Topology) {
+func waitTCPClosed(t *testing.T, top *sandbox.Topology) {
 	t.Helper()
 	const tcpTimeWait, tcpClose = 7, 8 // enum tcp_conntrack
 	c, err := ct.Dial(&netlink.Config{NetNS: top.Node.FD()})
@@ -345,7 +347,7 @@ func waitTCPClosed(t *testing.T, top *netnstest.Topology) {
 		var open []string
 		for _, f := range flows {
 			src := f.TupleOrig.IP.SourceAddress.Unmap()
-			if f.TupleOrig.Proto.Protocol != syscall.IPPROTO_TCP || !conntrack.InPrefixes([]netip.Prefix{netnstest.PodCIDR4, netnstest.PodCIDR6}, src) {
+			if f.TupleOrig.Proto.Protocol != syscall.IPPROTO_TCP || !conntrack.InPrefixes([]netip.Prefix{sandbox.PodCIDR4, sandbox.PodCIDR6}, src) {
 				continue
 			}
 			if f.ProtoInfo.TCP == nil || (f.ProtoInfo.TCP.State != tcpTimeWait && f.ProtoInfo.TCP.State != tcpClose) {
@@ -365,11 +367,11 @@ func waitTCPClosed(t *testing.T, top *netnstest.Topology) {
 
 // endPodFlows deletes the node's conntrack entries of pod TCP and UDP
 // flows, so their destroy events come now rather than at the timeouts.
-func endPodFlows(t *testing.T, top *netnstest.Topology) int {
+func endPodFlows(t *testing.T, top *sandbox.Topology) int {
 	t.Helper()
 	waitTCPClosed(t, top)
 	n, err := conntrack.DeleteStale(context.Background(), top.Node.FD(), func(f conntrack.Flow) bool {
-		return conntrack.InPrefixes([]netip.Prefix{netnstest.PodCIDR4, netnstest.PodCIDR6}, f.Orig.Src.Addr())
+		return conntrack.InPrefixes([]netip.Prefix{sandbox.PodCIDR4, sandbox.PodCIDR6}, f.Orig.Src.Addr())
 	}, []uint8{syscall.IPPROTO_TCP, syscall.IPPROTO_UDP})
 	if err != nil {
 		t.Fatal(err)
@@ -516,7 +518,7 @@ func TestAuditDecisionAndEndRecords(t *testing.T) {
 
 	const dport = 7500
 	flows := mixedFlows(20000, dport, 3) // 4 destinations x 2 protocols x 3 = 24
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4, internet6, internal6}, dport)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4, internet6, internal6}, dport)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -644,7 +646,7 @@ func TestAuditKilledAgentFallbackRecords(t *testing.T) {
 
 	const dport = 7600
 	flows := mixedFlows(21000, dport, 2) // 16 flows, decided by the fallback chain
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4, internet6, internal6}, dport)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4, internet6, internal6}, dport)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -701,7 +703,7 @@ func TestAuditKilledAgentFallbackRecords(t *testing.T) {
 
 // startAgentStdout is startAgent with the agent's standard output (the
 // flow log's stdout sink) going to stdout and its log to the test buffer.
-func startAgentStdout(t *testing.T, top *netnstest.Topology, stdout *os.File, args ...string) *agentProc {
+func startAgentStdout(t *testing.T, top *sandbox.Topology, stdout *os.File, args ...string) *agentProc {
 	t.Helper()
 	a := launchAgentTo(t, top, stdout, args...)
 	a.waitReady()
@@ -713,7 +715,7 @@ func startAgentStdout(t *testing.T, top *netnstest.Topology, stdout *os.File, ar
 // sends before any echo is read, so the queue sees bursts of new flows,
 // and the remote's socket buffer never overflows. It returns each flow's
 // local address and destination, and how long the waves took.
-func udpWaves(t *testing.T, ns *netnstest.NS, dsts []netip.AddrPort, total, wave int) ([][2]netip.AddrPort, time.Duration) {
+func udpWaves(t *testing.T, ns *netns.NS, dsts []netip.AddrPort, total, wave int) ([][2]netip.AddrPort, time.Duration) {
 	t.Helper()
 	var flows [][2]netip.AddrPort
 	start := time.Now()
@@ -796,7 +798,7 @@ func TestAuditStalledSink(t *testing.T) {
 
 	const port, flows, wave = 7700, 400, 50
 	dsts := []netip.AddrPort{netip.AddrPortFrom(internet4, port), netip.AddrPortFrom(internal4, port)}
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, port)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -806,7 +808,7 @@ func TestAuditStalledSink(t *testing.T) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		seen, err := sink.WaitFor(ctx, func(s []netnstest.Seen) bool { return len(s) >= len(sent) })
+		seen, err := sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return len(s) >= len(sent) })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -816,7 +818,7 @@ func TestAuditStalledSink(t *testing.T) {
 		masq := 0
 		for _, s := range seen {
 			if s.Dst.Addr() == internet4 {
-				if s.Src.Addr() != netnstest.NodeAddr4 {
+				if s.Src.Addr() != sandbox.NodeAddr4 {
 					t.Errorf("%s: flow to %v arrived from %v, want the node address", phase, s.Dst, s.Src)
 				}
 				masq++
@@ -882,7 +884,7 @@ func TestAuditStalledSink(t *testing.T) {
 	}
 
 	// The same load with the reader keeping up, for the rate figure.
-	sink2, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, port+1)
+	sink2, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, port+1)
 	if err != nil {
 		t.Fatal(err)
 	}

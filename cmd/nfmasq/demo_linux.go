@@ -18,7 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nfmasq/nfmasq/internal/conntrack"
-	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 // demo builds a throw-away sandbox (pod, node, remote namespaces), runs the
@@ -39,7 +39,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	top, err := netnstest.Build("demo")
+	top, err := sandbox.Build("demo")
 	if err != nil {
 		return fmt.Errorf("build sandbox: %w", err)
 	}
@@ -52,7 +52,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	flowLog := filepath.Join(dir, "flows.jsonl")
 
 	fmt.Fprintf(stdout, "sandbox: pod %s -> node %s (forwards, runs the agent) -> remote hosts %s (internal) and %s (internet)\n",
-		netnstest.PodAddr4, netnstest.NodeAddr4, netnstest.Internal4, netnstest.Internet4)
+		sandbox.PodAddr4, sandbox.NodeAddr4, sandbox.Internal4, sandbox.Internet4)
 	fmt.Fprintf(stdout, "policy: built-in defaults (GKE's non-masquerade ranges; no config file)\n\n")
 
 	self, err := os.Executable()
@@ -62,7 +62,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	agentCtx, stopAgent := context.WithCancel(context.Background())
 	defer stopAgent()
 	agent := top.Node.Command(agentCtx, self, "agent",
-		"--pod-cidr", netnstest.PodCIDR4.String(),
+		"--pod-cidr", sandbox.PodCIDR4.String(),
 		"--config", filepath.Join(dir, "no-config-file"),
 		"--metrics-addr", "127.0.0.1:9741",
 		"--flow-log", "file:"+flowLog,
@@ -87,7 +87,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	}()
 
 	readyCtx, cancelReady := context.WithTimeout(ctx, 20*time.Second)
-	err = netnstest.WaitHTTP(readyCtx, top.Node.HTTPClient(), "http://127.0.0.1:9741/readyz")
+	err = sandbox.WaitHTTP(readyCtx, top.Node.HTTPClient(), "http://127.0.0.1:9741/readyz")
 	cancelReady()
 	if err != nil {
 		log, _ := os.ReadFile(agentOut.Name())
@@ -96,23 +96,23 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, "agent ready: rules installed, queue bound")
 
 	const port = 8080
-	dsts := []netip.Addr{netnstest.Internal4, netnstest.Internet4}
-	sink, err := netnstest.StartSink(top.Remote, dsts, port)
+	dsts := []netip.Addr{sandbox.Internal4, sandbox.Internet4}
+	sink, err := sandbox.StartSink(top.Remote, dsts, port)
 	if err != nil {
 		return err
 	}
 	defer sink.Close()
 	for _, dst := range dsts {
 		ap := netip.AddrPortFrom(dst, port)
-		if _, ok, err := netnstest.SendUDP(top.Pod, ap, []byte("hello over udp"), 3*time.Second); err != nil || !ok {
+		if _, ok, err := sandbox.SendUDP(top.Pod, ap, []byte("hello over udp"), 3*time.Second); err != nil || !ok {
 			return fmt.Errorf("udp to %s: echo=%v: %v", ap, ok, err)
 		}
-		if _, _, err := netnstest.SendTCP(top.Pod, ap, []byte("hello over tcp"), 3*time.Second); err != nil {
+		if _, _, err := sandbox.SendTCP(top.Pod, ap, []byte("hello over tcp"), 3*time.Second); err != nil {
 			return fmt.Errorf("tcp to %s: %w", ap, err)
 		}
 	}
 	waitCtx, cancelWait := context.WithTimeout(ctx, 5*time.Second)
-	seen, err := sink.WaitFor(waitCtx, func(s []netnstest.Seen) bool { return len(s) >= 4 })
+	seen, err := sink.WaitFor(waitCtx, func(s []sandbox.Seen) bool { return len(s) >= 4 })
 	cancelWait()
 	if err != nil {
 		return err
@@ -132,7 +132,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, "\nwhat the remote hosts saw:")
 	for _, s := range seen {
 		what := "pod address kept"
-		if s.Src.Addr() == netnstest.NodeAddr4 {
+		if s.Src.Addr() == sandbox.NodeAddr4 {
 			what = "node address (masqueraded)"
 		}
 		fmt.Fprintf(stdout, "  %-3s to %-15s from %-21s %s\n", s.Proto, s.Dst, s.Src, what)
@@ -140,7 +140,7 @@ func demo(ctx context.Context, stdout, stderr io.Writer) error {
 	// End the flows now rather than at conntrack's timeouts, so the flow
 	// log's end records (counters, the translated source) show up too.
 	if _, err := conntrack.DeleteStale(ctx, top.Node.FD(), func(f conntrack.Flow) bool {
-		return netnstest.PodCIDR4.Contains(f.Orig.Src.Addr())
+		return sandbox.PodCIDR4.Contains(f.Orig.Src.Addr())
 	}, []uint8{6, 17}); err != nil {
 		return fmt.Errorf("end the demo flows: %w", err)
 	}

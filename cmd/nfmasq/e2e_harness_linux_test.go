@@ -17,7 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -38,7 +40,7 @@ const metricsAddr = "127.0.0.1:9741"
 // agentProc is one running `nfmasq agent` inside a test topology.
 type agentProc struct {
 	t      *testing.T
-	top    *netnstest.Topology
+	top    *sandbox.Topology
 	cmd    *exec.Cmd
 	out    *lockedBuffer
 	done   chan struct{}
@@ -64,7 +66,7 @@ func (l *lockedBuffer) String() string {
 
 // startAgent starts the agent in the node namespace with the pod CIDRs of
 // the topology and extra flags, and waits until /readyz answers 200.
-func startAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentProc {
+func startAgent(t *testing.T, top *sandbox.Topology, args ...string) *agentProc {
 	t.Helper()
 	a := launchAgentTo(t, top, nil, args...)
 	a.waitReady()
@@ -73,7 +75,7 @@ func startAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentPro
 
 // launchAgent starts the agent as startAgent does but returns at once,
 // for tests that time the start or expect it never to become ready.
-func launchAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentProc {
+func launchAgent(t *testing.T, top *sandbox.Topology, args ...string) *agentProc {
 	t.Helper()
 	return launchAgentTo(t, top, nil, args...)
 }
@@ -81,15 +83,15 @@ func launchAgent(t *testing.T, top *netnstest.Topology, args ...string) *agentPr
 // launchAgentTo is launchAgent with the agent's standard output (the flow
 // log's stdout sink) going to stdout; nil sends it to the test's buffer
 // with the agent's log.
-func launchAgentTo(t *testing.T, top *netnstest.Topology, stdout io.Writer, args ...string) *agentProc {
+func launchAgentTo(t *testing.T, top *sandbox.Topology, stdout io.Writer, args ...string) *agentProc {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	full := append([]string{self, "agent",
-		"--pod-cidr", netnstest.PodCIDR4.String(),
-		"--pod-cidr", netnstest.PodCIDR6.String(),
+		"--pod-cidr", sandbox.PodCIDR4.String(),
+		"--pod-cidr", sandbox.PodCIDR6.String(),
 		"--enable-ipv6",
 		"--metrics-addr", metricsAddr,
 	}, args...)
@@ -217,22 +219,22 @@ type flowCase struct {
 
 func podAddr(dst netip.Addr) netip.Addr {
 	if dst.Is4() {
-		return netnstest.PodAddr4
+		return sandbox.PodAddr4
 	}
-	return netnstest.PodAddr6
+	return sandbox.PodAddr6
 }
 
 func nodeAddr(dst netip.Addr) netip.Addr {
 	if dst.Is4() {
-		return netnstest.NodeAddr4
+		return sandbox.NodeAddr4
 	}
-	return netnstest.NodeAddr6
+	return sandbox.NodeAddr6
 }
 
 // checkFlows sends each flow from the pod and asserts the source the
 // remote recorded. Each call uses a fresh port so flows never collide with
 // conntrack entries of an earlier call.
-func checkFlows(t *testing.T, top *netnstest.Topology, port uint16, cases []flowCase) {
+func checkFlows(t *testing.T, top *sandbox.Topology, port uint16, cases []flowCase) {
 	t.Helper()
 	var dsts []netip.Addr
 	seenDst := map[netip.Addr]bool{}
@@ -242,7 +244,7 @@ func checkFlows(t *testing.T, top *netnstest.Topology, port uint16, cases []flow
 			dsts = append(dsts, c.dst)
 		}
 	}
-	sink, err := netnstest.StartSink(top.Remote, dsts, port)
+	sink, err := sandbox.StartSink(top.Remote, dsts, port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,18 +253,18 @@ func checkFlows(t *testing.T, top *netnstest.Topology, port uint16, cases []flow
 		dst := netip.AddrPortFrom(c.dst, port)
 		switch c.proto {
 		case "udp":
-			if _, ok, err := netnstest.SendUDP(top.Pod, dst, []byte("nfmasq"), 3*time.Second); err != nil || !ok {
+			if _, ok, err := sandbox.SendUDP(top.Pod, dst, []byte("nfmasq"), 3*time.Second); err != nil || !ok {
 				t.Errorf("udp %s: echo=%v err=%v", dst, ok, err)
 			}
 		case "tcp":
-			if _, _, err := netnstest.SendTCP(top.Pod, dst, []byte("nfmasq"), 3*time.Second); err != nil {
+			if _, _, err := sandbox.SendTCP(top.Pod, dst, []byte("nfmasq"), 3*time.Second); err != nil {
 				t.Errorf("tcp %s: %v", dst, err)
 			}
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	seen, err := sink.WaitFor(ctx, func(s []netnstest.Seen) bool { return len(s) >= len(cases) })
+	seen, err := sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return len(s) >= len(cases) })
 	if err != nil {
 		t.Fatalf("%v (seen %v)", err, seen)
 	}
@@ -288,11 +290,11 @@ func checkFlows(t *testing.T, top *netnstest.Topology, port uint16, cases []flow
 
 // iptablesSave returns the node's ruleset for both families without
 // counters, for comparisons across restarts.
-func iptablesSave(t *testing.T, ns *netnstest.NS) string {
+func iptablesSave(t *testing.T, ns *netns.NS) string {
 	t.Helper()
 	var b strings.Builder
 	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
-		out := ns.Run(t, tool)
+		out := netnstest.Run(t, ns, tool)
 		for _, line := range strings.Split(out, "\n") {
 			if strings.HasPrefix(line, "#") {
 				continue // timestamps
@@ -311,7 +313,7 @@ func iptablesSave(t *testing.T, ns *netnstest.NS) string {
 
 // udpFlow sends n datagrams on one socket (one flow) to dst from inside ns
 // and waits for each echo; onEach, if set, runs after each echo.
-func udpFlow(ns *netnstest.NS, dst netip.AddrPort, n int, onEach func(i int)) error {
+func udpFlow(ns *netns.NS, dst netip.AddrPort, n int, onEach func(i int)) error {
 	var c *net.UDPConn
 	if err := ns.Do(func() (err error) {
 		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
@@ -339,13 +341,13 @@ func udpFlow(ns *netnstest.NS, dst netip.AddrPort, n int, onEach func(i int)) er
 // liveUDP is one UDP flow kept open across policy changes.
 type liveUDP struct {
 	conn *net.UDPConn
-	sink *netnstest.Sink
+	sink *sandbox.Sink
 	dst  netip.AddrPort
 }
 
-func startLiveUDP(t *testing.T, top *netnstest.Topology, dst netip.AddrPort) *liveUDP {
+func startLiveUDP(t *testing.T, top *sandbox.Topology, dst netip.AddrPort) *liveUDP {
 	t.Helper()
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{dst.Addr()}, dst.Port())
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{dst.Addr()}, dst.Port())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -376,7 +378,7 @@ func (l *liveUDP) expectSource(t *testing.T, want netip.Addr) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	seen, err := l.sink.WaitFor(ctx, func(s []netnstest.Seen) bool { return len(s) > before })
+	seen, err := l.sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return len(s) > before })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,16 +10,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 var (
-	internal4  = netnstest.Internal4
-	internet4  = netnstest.Internet4
-	cgnat4     = netnstest.CGNAT4
-	linkLocal4 = netnstest.LinkLocal4
-	internet6  = netnstest.Internet6
-	internal6  = netnstest.Internal6
+	internal4  = sandbox.Internal4
+	internet4  = sandbox.Internet4
+	cgnat4     = sandbox.CGNAT4
+	linkLocal4 = sandbox.LinkLocal4
+	internet6  = sandbox.Internet6
+	internal6  = sandbox.Internal6
 )
 
 func both(dst netip.Addr, want string) []flowCase {
@@ -115,7 +117,7 @@ func TestAgentFirstPacketOnly(t *testing.T) {
 	netnstest.Require(t, "iptables-restore", "ip6tables-restore")
 	top := netnstest.NewTopology(t)
 	a := startAgent(t, top, "--config", filepath.Join(t.TempDir(), "none"))
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7100)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7100)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +134,7 @@ func TestAgentFirstPacketOnly(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := sink.WaitFor(ctx, func(s []netnstest.Seen) bool { return len(s) >= flows*perFlow }); err != nil {
+	if _, err := sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return len(s) >= flows*perFlow }); err != nil {
 		t.Fatal(err)
 	}
 	queued := a.metric("nfmasq_queue_packets_total")
@@ -140,13 +142,13 @@ func TestAgentFirstPacketOnly(t *testing.T) {
 		t.Errorf("%v packets reached userspace for %d flows of %d packets, want exactly %d", queued, flows, perFlow, flows)
 	}
 	// ICMP echo through the node: decided once, and the remote answers.
-	top.Pod.Run(t, "ping", "-c", "3", "-i", "0.2", "-W", "2", internet4.String())
+	netnstest.Run(t, top.Pod, "ping", "-c", "3", "-i", "0.2", "-W", "2", internet4.String())
 	a.waitMetric("icmp decided", func(v float64) bool { return v >= flows+1 }, "nfmasq_queue_packets_total")
 	if got := a.metric("nfmasq_queue_packets_total"); got != flows+1 {
 		t.Errorf("after one ICMP echo flow of 3 pings, %v packets queued, want %d", got, flows+1)
 	}
 	// ICMPv6 echo likewise.
-	top.Pod.Run(t, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", internet6.String())
+	netnstest.Run(t, top.Pod, "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", internet6.String())
 	a.waitMetric("icmpv6 decided", func(v float64) bool { return v >= flows+2 }, "nfmasq_queue_packets_total")
 	if got := a.metric("nfmasq_queue_packets_total"); got != flows+2 {
 		t.Errorf("after one ICMPv6 echo flow of 3 pings, %v packets queued, want %d", got, flows+2)
@@ -154,7 +156,7 @@ func TestAgentFirstPacketOnly(t *testing.T) {
 }
 
 // sendUDPBurst sends n datagrams on one socket (one flow) and waits for each echo.
-func sendUDPBurst(ns *netnstest.NS, dst netip.AddrPort, n int) error {
+func sendUDPBurst(ns *netns.NS, dst netip.AddrPort, n int) error {
 	return udpFlow(ns, dst, n, nil)
 }
 
@@ -171,14 +173,14 @@ func TestAgentReload(t *testing.T) {
 
 	// A long-lived UDP flow to the internet host, masqueraded now.
 	flow := startLiveUDP(t, top, netip.AddrPortFrom(internet4, 7299))
-	flow.expectSource(t, netnstest.NodeAddr4)
+	flow.expectSource(t, sandbox.NodeAddr4)
 
 	// Change: the internet range becomes non-masquerade.
 	writeConfig(t, dir, "nonMasqueradeCIDRs: [10.0.0.0/8, 11.0.0.0/8]\nresyncInterval: 1s\n")
 	gen = a.waitMetric("reload", func(v float64) bool { return v > gen }, "nfmasq_policy_applied_generation")
 	checkFlows(t, top, 7201, cases(both(internet4, "pod"), both(internal4, "pod")))
 	// The live UDP flow was re-decided: its conntrack entry was deleted.
-	flow.expectSource(t, netnstest.PodAddr4)
+	flow.expectSource(t, sandbox.PodAddr4)
 
 	// Invalid file: the old policy keeps working, the failure is counted.
 	writeConfig(t, dir, "nonMasqueradeCIDRs: [abcdefg]\n")
@@ -210,7 +212,7 @@ func TestAgentKillRestartUninstall(t *testing.T) {
 	}
 	// kill -9 in the middle of a stream of new flows: no flow may arrive
 	// with the wrong source, before, during or after the kill.
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7390)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7390)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -226,7 +228,7 @@ func TestAgentKillRestartUninstall(t *testing.T) {
 			}
 			// A lost first packet (queued when the agent died) only
 			// costs this flow its echo; the source is what matters.
-			_, _, _ = netnstest.SendUDP(top.Pod, netip.AddrPortFrom(dst, 7390), []byte("stream"), 50*time.Millisecond)
+			_, _, _ = sandbox.SendUDP(top.Pod, netip.AddrPortFrom(dst, 7390), []byte("stream"), 50*time.Millisecond)
 			sent++
 			if i == 40 {
 				a.stop(syscall.SIGKILL)
@@ -238,9 +240,9 @@ func TestAgentKillRestartUninstall(t *testing.T) {
 	seen := sink.Seen()
 	wrong := 0
 	for _, s := range seen {
-		want := netnstest.PodAddr4
+		want := sandbox.PodAddr4
 		if s.Dst.Addr() == internet4 {
-			want = netnstest.NodeAddr4
+			want = sandbox.NodeAddr4
 		}
 		if s.Src.Addr() != want {
 			wrong++
@@ -281,7 +283,7 @@ func TestAgentKillRestartUninstall(t *testing.T) {
 	if got := withoutEmptyTables(iptablesSave(t, top.Node)); got != withoutEmptyTables(pristine) {
 		t.Errorf("uninstall left state behind:\n--- before install\n%s\n--- after uninstall\n%s", pristine, got)
 	}
-	if out := top.Node.Run(t, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {
+	if out := netnstest.Run(t, top.Node, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {
 		t.Errorf("uninstall left ipsets: %s", out)
 	}
 }
@@ -294,7 +296,7 @@ func TestAgentRestoresRules(t *testing.T) {
 	cfg := writeConfig(t, dir, "resyncInterval: 300ms\n")
 	a := startAgent(t, top, "--config", cfg)
 	want := iptablesSave(t, top.Node)
-	top.Node.Run(t, "iptables", "-t", "nat", "-F", "NFMASQ-FALLBACK")
+	netnstest.Run(t, top.Node, "iptables", "-t", "nat", "-F", "NFMASQ-FALLBACK")
 	a.waitMetric("restore", func(v float64) bool { return v >= 1 }, "nfmasq_rules_restored_total")
 	if got := iptablesSave(t, top.Node); got != want {
 		t.Errorf("ruleset not restored:\n--- want\n%s\n--- got\n%s", want, got)
@@ -306,18 +308,18 @@ func TestAgentLeavesNodeTrafficAlone(t *testing.T) {
 	netnstest.Require(t, "iptables-restore", "ip6tables-restore")
 	top := netnstest.NewTopology(t)
 	a := startAgent(t, top, "--config", filepath.Join(t.TempDir(), "none"))
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7400)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7400)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sink.Close()
 	for _, dst := range []netip.Addr{internet4, internal4} {
-		if _, ok, err := netnstest.SendUDP(top.Node, netip.AddrPortFrom(dst, 7400), []byte("node"), 3*time.Second); err != nil || !ok {
+		if _, ok, err := sandbox.SendUDP(top.Node, netip.AddrPortFrom(dst, 7400), []byte("node"), 3*time.Second); err != nil || !ok {
 			t.Fatalf("node udp to %s: echo=%v err=%v", dst, ok, err)
 		}
 	}
 	for _, s := range sink.Seen() {
-		if s.Src.Addr() != netnstest.NodeAddr4 {
+		if s.Src.Addr() != sandbox.NodeAddr4 {
 			t.Errorf("node traffic to %s arrived from %s", s.Dst, s.Src)
 		}
 	}

@@ -31,7 +31,9 @@ import (
 	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 // The hardening tests inject faults into a running agent in the namespace
@@ -128,22 +130,6 @@ func sample(mfs map[string]*dto.MetricFamily, name string, labels ...string) flo
 	return sum
 }
 
-// pollUntil polls cond every `every` until it holds and returns when it
-// first did; it fails t after timeout.
-func pollUntil(t *testing.T, timeout, every time.Duration, what string, cond func() bool) time.Time {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		if cond() {
-			return time.Now()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, timeout)
-		}
-		time.Sleep(every) // polling a condition with a deadline
-	}
-}
-
 func median(ds []time.Duration) time.Duration {
 	if len(ds) == 0 {
 		return 0
@@ -165,7 +151,7 @@ type flowLoad struct {
 	once         sync.Once
 }
 
-func startFlowLoad(t *testing.T, pod *netnstest.NS, dsts []netip.Addr, port uint16, workers int) *flowLoad {
+func startFlowLoad(t *testing.T, pod *netns.NS, dsts []netip.Addr, port uint16, workers int) *flowLoad {
 	l := &flowLoad{stopCh: make(chan struct{})}
 	for w := range workers {
 		l.wg.Add(1)
@@ -205,7 +191,7 @@ func startFlowLoad(t *testing.T, pod *netnstest.NS, dsts []netip.Addr, port uint
 // waitSent waits until at least n flows have been sent.
 func (l *flowLoad) waitSent(t *testing.T, n int64) {
 	t.Helper()
-	pollUntil(t, 20*time.Second, 5*time.Millisecond, fmt.Sprintf("%d flows sent", n), func() bool { return l.sent.Load() >= n })
+	netnstest.Poll(t, 20*time.Second, 5*time.Millisecond, fmt.Sprintf("%d flows sent", n), func() bool { return l.sent.Load() >= n })
 }
 
 func (l *flowLoad) stop() {
@@ -215,7 +201,7 @@ func (l *flowLoad) stop() {
 
 // wrongSources counts what the remote received from a source other than
 // the one hardenConfig gives its destination.
-func wrongSources(seen []netnstest.Seen) (wrong int, example string) {
+func wrongSources(seen []sandbox.Seen) (wrong int, example string) {
 	for _, s := range seen {
 		if want := hardenSource(s.Dst.Addr()); s.Src.Addr() != want {
 			wrong++
@@ -236,7 +222,7 @@ func TestHardenKillUnderLoad(t *testing.T) {
 	args := []string{"--config", writeConfig(t, t.TempDir(), hardenConfig), "--flow-log", "off"}
 	const port = 7600
 	dsts := []netip.Addr{internet4, internal4, internet6, internal6}
-	sink, err := netnstest.StartSink(top.Remote, dsts, port)
+	sink, err := sandbox.StartSink(top.Remote, dsts, port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,8 +243,8 @@ func TestHardenKillUnderLoad(t *testing.T) {
 		load.waitSent(t, load.sent.Load()+150)
 		start := time.Now()
 		a = launchAgent(t, top, args...)
-		r := pollUntil(t, 20*time.Second, 10*time.Millisecond, "restarted agent ready", func() bool { return a.status("/readyz") == http.StatusOK })
-		d := pollUntil(t, 20*time.Second, 10*time.Millisecond, "restarted agent deciding", func() bool {
+		r := netnstest.Poll(t, 20*time.Second, 10*time.Millisecond, "restarted agent ready", func() bool { return a.status("/readyz") == http.StatusOK })
+		d := netnstest.Poll(t, 20*time.Second, 10*time.Millisecond, "restarted agent deciding", func() bool {
 			mfs, err := a.scrape()
 			return err == nil && sample(mfs, "nfmasq_decisions_total") > 0
 		})
@@ -270,7 +256,7 @@ func TestHardenKillUnderLoad(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	// Every echoed flow was seen; wait for those in flight at the stop.
-	_, _ = sink.WaitFor(ctx, func(s []netnstest.Seen) bool { return int64(len(s)) >= load.echoed.Load() })
+	_, _ = sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return int64(len(s)) >= load.echoed.Load() })
 	seen := sink.Seen()
 	wrong, example := wrongSources(seen)
 	sent, echoed := load.sent.Load(), load.echoed.Load()
@@ -299,7 +285,7 @@ type counter struct {
 	wg    sync.WaitGroup
 }
 
-func startCounter(t *testing.T, ns *netnstest.NS, dsts []netip.Addr, ports []uint16) *counter {
+func startCounter(t *testing.T, ns *netns.NS, dsts []netip.Addr, ports []uint16) *counter {
 	c := &counter{seen: map[[2]netip.Addr]int{}}
 	var local []netip.Addr // the destination address of each conn
 	err := ns.Do(func() error {
@@ -390,7 +376,7 @@ var (
 )
 
 // conntrackList lists the node's UDP entries to the ports.
-func conntrackList(t *testing.T, ns *netnstest.NS, ports []uint16) []ctEntry {
+func conntrackList(t *testing.T, ns *netns.NS, ports []uint16) []ctEntry {
 	t.Helper()
 	var out []ctEntry
 	for _, port := range ports {
@@ -399,7 +385,7 @@ func conntrackList(t *testing.T, ns *netnstest.NS, ports []uint16) []ctEntry {
 	return out
 }
 
-func conntrackListPort(t *testing.T, ns *netnstest.NS, port uint16) []ctEntry {
+func conntrackListPort(t *testing.T, ns *netns.NS, port uint16) []ctEntry {
 	t.Helper()
 	var out []ctEntry
 	for _, fam := range []string{"ipv4", "ipv6"} {
@@ -445,9 +431,9 @@ func TestHardenOverload(t *testing.T) {
 	pkts := make([][]byte, n)
 	for i := range pkts {
 		// Distinct 5-tuples: source port by pair, destination alternating.
-		src := netip.AddrPortFrom(netnstest.PodAddr4, uint16(1024+i/2))
+		src := netip.AddrPortFrom(sandbox.PodAddr4, uint16(1024+i/2))
 		d := netnstest.UDPDatagram(src, netip.AddrPortFrom(dsts[i%2], ports[i/2%len(ports)]), []byte("overload"))
-		pkts[i] = append(craftIPv4(17, len(d), 5, 0, src.Addr(), dsts[i%2]), d...)
+		pkts[i] = append(netnstest.IPv4Header(17, len(d), 5, 0, src.Addr(), dsts[i%2]), d...)
 	}
 	rs, err := newCraftSender(top)
 	if err != nil {
@@ -477,7 +463,7 @@ func TestHardenOverload(t *testing.T) {
 	took := time.Since(start)
 	resume()
 	received := waitQuiet(t, 60*time.Second, 500*time.Millisecond, "remote receiving the burst", rx.total.Load)
-	pollUntil(t, 10*time.Second, 20*time.Millisecond, "kernel queue drained", func() bool {
+	netnstest.Poll(t, 10*time.Second, 20*time.Millisecond, "kernel queue drained", func() bool {
 		return a.metric("nfmasq_nfqueue_kernel", "counter", "queue_total") == 0
 	})
 
@@ -519,10 +505,10 @@ func TestHardenOverload(t *testing.T) {
 	// Ending the fallback flows reports each in the flow log: a fallback
 	// record, or a count in a gap record (or an event overrun).
 	for _, port := range ports {
-		top.Node.Run(t, "conntrack", "-D", "-p", "udp", "--dport", strconv.Itoa(int(port)), "--mark", "0x3000/0x3000")
+		netnstest.Run(t, top.Node, "conntrack", "-D", "-p", "udp", "--dport", strconv.Itoa(int(port)), "--mark", "0x3000/0x3000")
 	}
 	var recs flowLogSummary
-	pollUntil(t, 20*time.Second, 50*time.Millisecond, "fallback records for the ended flows", func() bool {
+	netnstest.Poll(t, 20*time.Second, 50*time.Millisecond, "fallback records for the ended flows", func() bool {
 		recs = readFlowLogSummary(t, flowLog)
 		mfs, err := a.scrape()
 		overruns := 0.0
@@ -652,11 +638,11 @@ func TestHardenConntrackFull(t *testing.T) {
 	// The last lines fail ("not enough memory"): the table is full.
 	_, _ = top.Node.Try("conntrack", "-R", load)
 	fillTime := time.Since(start)
-	if n, _ := strconv.Atoi(strings.TrimSpace(top.Node.Run(t, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))); n < maxEntries {
+	if n, _ := strconv.Atoi(strings.TrimSpace(netnstest.Run(t, top.Node, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))); n < maxEntries {
 		t.Fatalf("conntrack table holds %d entries after the fill, want %d", n, maxEntries)
 	}
 
-	sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7800)
+	sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 7800)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -665,14 +651,14 @@ func TestHardenConntrackFull(t *testing.T) {
 	firstFlow := time.Now()
 	for i := range 6 {
 		dst := []netip.Addr{internet4, internal4}[i%2]
-		if _, ok, err := netnstest.SendUDP(top.Pod, netip.AddrPortFrom(dst, 7800), []byte("full"), 300*time.Millisecond); err != nil {
+		if _, ok, err := sandbox.SendUDP(top.Pod, netip.AddrPortFrom(dst, 7800), []byte("full"), 300*time.Millisecond); err != nil {
 			t.Fatal(err)
 		} else if ok {
 			answered++
 		}
 	}
 	const fullLog = "conntrack table full"
-	logged := pollUntil(t, 10*time.Second, 20*time.Millisecond, "the agent logging the full table", func() bool {
+	logged := netnstest.Poll(t, 10*time.Second, 20*time.Millisecond, "the agent logging the full table", func() bool {
 		return strings.Contains(a.out.String(), fullLog)
 	})
 	select {
@@ -687,7 +673,7 @@ func TestHardenConntrackFull(t *testing.T) {
 
 	// Room again: the agent answers, counted the drops, and flows work
 	// with the right sources.
-	top.Node.Run(t, "conntrack", "-F")
+	netnstest.Run(t, top.Node, "conntrack", "-F")
 	if s := a.status("/healthz"); s != http.StatusOK {
 		t.Errorf("healthz %d after the table was full", s)
 	}
@@ -718,7 +704,7 @@ func TestHardenRulesTampering(t *testing.T) {
 	a := startAgent(t, top, "--config", cfg, "--flow-log", "off")
 	want := iptablesSave(t, top.Node)
 	saveLine := func(table, prefix string) string {
-		out := top.Node.Run(t, "iptables-save", "-t", table)
+		out := netnstest.Run(t, top.Node, "iptables-save", "-t", table)
 		for _, l := range strings.Split(out, "\n") {
 			if strings.HasPrefix(l, prefix) {
 				return l
@@ -736,10 +722,10 @@ func TestHardenRulesTampering(t *testing.T) {
 			}
 		}
 	}
-	run := func(args ...string) func() { return func() { top.Node.Run(t, args...) } }
+	run := func(args ...string) func() { return func() { netnstest.Run(t, top.Node, args...) } }
 	// Rules 1 and 2 of NFMASQ-FALLBACK swapped, by restoring the table.
 	reorder := func() {
-		save := top.Node.Run(t, "iptables-save", "-t", "nat")
+		save := netnstest.Run(t, top.Node, "iptables-save", "-t", "nat")
 		lines := strings.Split(save, "\n")
 		var idx []int
 		for i, l := range lines {
@@ -798,7 +784,7 @@ func TestHardenRulesTampering(t *testing.T) {
 	// A foreign rule in front of our queue jump: left alone, the fallback
 	// decides, sources stay right.
 	decided := a.metric("nfmasq_decisions_total")
-	top.Node.Run(t, "iptables", "-t", "mangle", "-I", "FORWARD", "1", "-s", netnstest.PodCIDR4.String(), "-j", "ACCEPT")
+	netnstest.Run(t, top.Node, "iptables", "-t", "mangle", "-I", "FORWARD", "1", "-s", sandbox.PodCIDR4.String(), "-j", "ACCEPT")
 	checkFlows(t, top, 7900, cases(both(internet4, "node"), both(internal4, "pod")))
 	if got := a.metric("nfmasq_rules_restored_total"); got != float64(len(incidents)) {
 		t.Errorf("a foreign rule in front of ours counted as tampering (%v restores)", got)
@@ -845,11 +831,11 @@ func waitingOnLock(a *agentProc) bool {
 }
 
 // saveWith is iptablesSave for another pair of save tools.
-func saveWith(t *testing.T, ns *netnstest.NS, tools ...string) string {
+func saveWith(t *testing.T, ns *netns.NS, tools ...string) string {
 	t.Helper()
 	var b strings.Builder
 	for _, tool := range tools {
-		for _, line := range strings.Split(ns.Run(t, tool), "\n") {
+		for _, line := range strings.Split(netnstest.Run(t, ns, tool), "\n") {
 			if strings.HasPrefix(line, "#") {
 				continue
 			}
@@ -900,7 +886,7 @@ func TestHardenXtablesLock(t *testing.T) {
 	// Start with the lock held.
 	release := flock(t, lock)
 	a := launchAgent(t, top, args...)
-	pollUntil(t, 20*time.Second, 10*time.Millisecond, "agent waiting on the lock", func() bool { return waitingOnLock(a) })
+	netnstest.Poll(t, 20*time.Second, 10*time.Millisecond, "agent waiting on the lock", func() bool { return waitingOnLock(a) })
 	if s := a.status("/readyz"); s != http.StatusServiceUnavailable {
 		t.Errorf("readyz %d while the rules wait for the lock, want 503", s)
 	}
@@ -910,7 +896,7 @@ func TestHardenXtablesLock(t *testing.T) {
 	}
 	released := time.Now()
 	release()
-	readyAt := pollUntil(t, 10*time.Second, 10*time.Millisecond, "ready after the lock is released", func() bool { return a.status("/readyz") == http.StatusOK })
+	readyAt := netnstest.Poll(t, 10*time.Second, 10*time.Millisecond, "ready after the lock is released", func() bool { return a.status("/readyz") == http.StatusOK })
 	checkFlows(t, top, 8000, cases(both(internet4, "node"), both(internal4, "pod")))
 	first := saveWith(t, top.Node, "iptables-legacy-save", "ip6tables-legacy-save")
 
@@ -919,7 +905,7 @@ func TestHardenXtablesLock(t *testing.T) {
 	gen := a.metric("nfmasq_policy_applied_generation")
 	release = flock(t, lock)
 	writeConfig(t, dir, "nonMasqueradeCIDRs: [10.0.0.0/8, 11.0.0.0/8, \"fd00:200::/64\"]\nresyncInterval: 1s\n")
-	pollUntil(t, 10*time.Second, 10*time.Millisecond, "reload waiting on the lock", func() bool { return waitingOnLock(a) })
+	netnstest.Poll(t, 10*time.Second, 10*time.Millisecond, "reload waiting on the lock", func() bool { return waitingOnLock(a) })
 	checkFlows(t, top, 8001, cases(both(internet4, "pod"), both(internal4, "pod")))
 	if g := a.metric("nfmasq_policy_applied_generation"); g != gen {
 		t.Errorf("applied generation moved to %v before its rules were installed", g)
@@ -1090,16 +1076,16 @@ func TestHardenLogSinkLoss(t *testing.T) {
 		}
 		// Flows keep coming until the agent notices and reopens the file,
 		// so that some records fall into the deleted file.
-		sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 8301)
+		sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 8301)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer sink.Close()
 		sent := 0
-		pollUntil(t, 10*time.Second, time.Millisecond, "file reopened", func() bool {
+		netnstest.Poll(t, 10*time.Second, time.Millisecond, "file reopened", func() bool {
 			dst := []netip.Addr{internet4, internal4}[sent%2]
 			sent++
-			if _, ok, err := netnstest.SendUDP(top.Pod, netip.AddrPortFrom(dst, 8301), []byte("x"), time.Second); err != nil || !ok {
+			if _, ok, err := sandbox.SendUDP(top.Pod, netip.AddrPortFrom(dst, 8301), []byte("x"), time.Second); err != nil || !ok {
 				t.Errorf("flow after the deletion: echo=%v err=%v", ok, err)
 			}
 			_, err := os.Stat(path)
@@ -1108,7 +1094,7 @@ func TestHardenLogSinkLoss(t *testing.T) {
 		checkMode(t, path, 0o600)
 		lost := a.waitMetric("loss counted", func(v float64) bool { return v > 0 }, "nfmasq_flowlog_dropped_total", "reason", "file_deleted")
 		var s flowLogSummary
-		pollUntil(t, 5*time.Second, 50*time.Millisecond, "gap record in the new file", func() bool {
+		netnstest.Poll(t, 5*time.Second, 50*time.Millisecond, "gap record in the new file", func() bool {
 			s = readFlowLogSummary(t, path)
 			return s.dropped["file_deleted"] != nil
 		})
@@ -1127,16 +1113,16 @@ func TestHardenLogSinkLoss(t *testing.T) {
 		path := filepath.Join(dir, "flows.log")
 		a := startAgent(t, top, "--config", writeConfig(t, t.TempDir(), hardenConfig), "--flow-log", "file:"+path)
 		checkMode(t, path, 0o600)
-		sink, err := netnstest.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 8400)
+		sink, err := sandbox.StartSink(top.Remote, []netip.Addr{internet4, internal4}, 8400)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer sink.Close()
 		sent := 0
-		pollUntil(t, 20*time.Second, time.Millisecond, "write errors counted", func() bool {
+		netnstest.Poll(t, 20*time.Second, time.Millisecond, "write errors counted", func() bool {
 			dst := []netip.Addr{internet4, internal4}[sent%2]
 			sent++
-			if _, ok, err := netnstest.SendUDP(top.Pod, netip.AddrPortFrom(dst, 8400), []byte("x"), time.Second); err != nil || !ok {
+			if _, ok, err := sandbox.SendUDP(top.Pod, netip.AddrPortFrom(dst, 8400), []byte("x"), time.Second); err != nil || !ok {
 				t.Errorf("flow with the disk full: echo=%v err=%v", ok, err)
 			}
 			mfs, err := a.scrape()
@@ -1145,7 +1131,7 @@ func TestHardenLogSinkLoss(t *testing.T) {
 		// Some more flows with the disk full.
 		for i := range 20 {
 			dst := []netip.Addr{internet4, internal4}[i%2]
-			if _, ok, err := netnstest.SendUDP(top.Pod, netip.AddrPortFrom(dst, 8400), []byte("x"), time.Second); err != nil || !ok {
+			if _, ok, err := sandbox.SendUDP(top.Pod, netip.AddrPortFrom(dst, 8400), []byte("x"), time.Second); err != nil || !ok {
 				t.Errorf("flow with the disk full: echo=%v err=%v", ok, err)
 			}
 		}
@@ -1162,7 +1148,7 @@ func TestHardenLogSinkLoss(t *testing.T) {
 		// Every decision is a record written or a record counted lost,
 		// once the writer has caught up.
 		var mfs map[string]*dto.MetricFamily
-		pollUntil(t, 5*time.Second, 20*time.Millisecond, "every decision record accounted", func() bool {
+		netnstest.Poll(t, 5*time.Second, 20*time.Millisecond, "every decision record accounted", func() bool {
 			var err error
 			mfs, err = a.scrape()
 			return err == nil && sample(mfs, "nfmasq_flowlog_records_total", "kind", "decision")+
@@ -1195,7 +1181,7 @@ func TestHardenListeners(t *testing.T) {
 	checkFlows(t, top, 8500, cases(both(internet4, "node")))
 	var listeners []string
 	for _, file := range []string{"tcp", "tcp6", "udp", "udp6"} {
-		text := top.Node.Run(t, "cat", "/proc/net/"+file)
+		text := netnstest.Run(t, top.Node, "cat", "/proc/net/"+file)
 		for _, line := range strings.Split(text, "\n")[1:] {
 			f := strings.Fields(line)
 			if len(f) < 4 {
@@ -1241,7 +1227,7 @@ func TestHardenInvalidConfigAtStart(t *testing.T) {
 
 	writeConfig(t, dir, "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 0s\n")
 	b := launchAgent(t, top, args...)
-	pollUntil(t, 20*time.Second, 20*time.Millisecond, "reload failure counted", func() bool {
+	netnstest.Poll(t, 20*time.Second, 20*time.Millisecond, "reload failure counted", func() bool {
 		mfs, err := b.scrape()
 		return err == nil && sample(mfs, "nfmasq_config_reload_failures_total") >= 1
 	})
@@ -1261,7 +1247,7 @@ func TestHardenInvalidConfigAtStart(t *testing.T) {
 	// Fixed: ready.
 	fixed := time.Now()
 	writeConfig(t, dir, hardenConfig)
-	pollUntil(t, 10*time.Second, 20*time.Millisecond, "ready after the fix", func() bool { return b.status("/readyz") == http.StatusOK })
+	netnstest.Poll(t, 10*time.Second, 20*time.Millisecond, "ready after the fix", func() bool { return b.status("/readyz") == http.StatusOK })
 	readyAfter := time.Since(fixed)
 	if got := iptablesSave(t, top.Node); got != installed {
 		t.Errorf("rules after the fix differ from the first install:\n--- first\n%s\n--- now\n%s", installed, got)
@@ -1303,7 +1289,7 @@ func TestHardenCraftedPackets(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rs.Close()
-	sentinels, err := netnstest.StartSink(top.Remote, []netip.Addr{internal4, internal6}, 8700)
+	sentinels, err := sandbox.StartSink(top.Remote, []netip.Addr{internal4, internal6}, 8700)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1334,7 +1320,7 @@ func TestHardenCraftedPackets(t *testing.T) {
 			t.Errorf("case %d %s: %v packets queued, want %v", i, c.name, got-before-1, want-before-1)
 		}
 	}
-	pollUntil(t, 5*time.Second, 20*time.Millisecond, "kernel queue empty", func() bool {
+	netnstest.Poll(t, 5*time.Second, 20*time.Millisecond, "kernel queue empty", func() bool {
 		return a.metric("nfmasq_nfqueue_kernel", "counter", "queue_total") == 0
 	})
 	mfs, err := a.scrape()
@@ -1360,7 +1346,7 @@ func TestHardenCraftedPackets(t *testing.T) {
 
 // sentinelFlow sends one datagram from the given source port in ns and
 // waits for its echo.
-func sentinelFlow(ns *netnstest.NS, sport uint16, dst netip.AddrPort) error {
+func sentinelFlow(ns *netns.NS, sport uint16, dst netip.AddrPort) error {
 	var c *net.UDPConn
 	if err := ns.Do(func() (err error) {
 		c, err = net.DialUDP("udp", &net.UDPAddr{Port: int(sport)}, net.UDPAddrFromAddrPort(dst))
@@ -1391,66 +1377,25 @@ type crafted struct {
 	queued, malformed bool
 }
 
-var craftID atomic.Uint32
-
-func craftIPv4(proto byte, payloadLen, ihl int, frag uint16, src, dst netip.Addr) []byte {
-	h := make([]byte, ihl*4)
-	h[0] = 0x40 | byte(ihl)
-	binary.BigEndian.PutUint16(h[2:], uint16(ihl*4+payloadLen))
-	binary.BigEndian.PutUint16(h[4:], uint16(craftID.Add(1)))
-	binary.BigEndian.PutUint16(h[6:], frag)
-	h[8], h[9] = 64, proto
-	copy(h[12:], src.AsSlice())
-	copy(h[16:], dst.AsSlice())
-	for i := 20; i < len(h); i++ {
-		h[i] = 1 // NOP options
-	}
-	binary.BigEndian.PutUint16(h[10:], netnstest.Checksum(0, h))
-	return h
-}
-
-func craftIPv6(nh byte, src, dst netip.Addr, parts ...[]byte) []byte {
-	b := make([]byte, 40)
-	b[0] = 0x60
-	n := 0
-	for _, p := range parts {
-		n += len(p)
-	}
-	binary.BigEndian.PutUint16(b[4:], uint16(n))
-	b[6], b[7] = nh, 64
-	copy(b[8:], src.AsSlice())
-	copy(b[24:], dst.AsSlice())
-	for _, p := range parts {
-		b = append(b, p...)
-	}
-	return b
-}
-
-// craftOpts is an IPv6 options header of 8*units bytes padded with PadN.
-func craftOpts(nh byte, units int) []byte {
-	b := make([]byte, 8*units)
-	b[0], b[1] = nh, byte(units-1)
-	b[2], b[3] = 1, byte(len(b)-4)
-	return b
-}
-
 func craftedCases() []crafted {
-	pod4, pod6 := netnstest.PodAddr4, netnstest.PodAddr6
+	pod4, pod6 := sandbox.PodAddr4, sandbox.PodAddr6
 	dst4, dst6 := internet4, internet6
 	port := uint16(41000)
 	udp := func(src, dst netip.Addr, payload int) []byte {
 		port++
 		return netnstest.UDPDatagram(netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 9100), make([]byte, payload))
 	}
-	v4 := func(ihl int, d []byte) []byte { return append(craftIPv4(17, len(d), ihl, 0, pod4, dst4), d...) }
+	v4 := func(ihl int, d []byte) []byte {
+		return append(netnstest.IPv4Header(17, len(d), ihl, 0, pod4, dst4), d...)
+	}
 	set16 := func(b []byte, i int, v uint16) []byte { binary.BigEndian.PutUint16(b[i:], v); return b }
 	setByte := func(b []byte, i int, v byte) []byte { b[i] = v; return b }
 
 	// ICMP port unreachable quoting a datagram the remote sent to the pod.
-	quote := append(craftIPv4(17, 8, 5, 0, dst4, pod4), netnstest.UDPDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
+	quote := append(netnstest.IPv4Header(17, 8, 5, 0, dst4, pod4), netnstest.UDPDatagram(netip.AddrPortFrom(dst4, 9100), netip.AddrPortFrom(pod4, 39002), nil)...)
 	icmpErr := append([]byte{3, 3, 0, 0, 0, 0, 0, 0}, quote...)
 	binary.BigEndian.PutUint16(icmpErr[2:], netnstest.Checksum(0, icmpErr))
-	icmp6Err := append([]byte{1, 4, 0, 0, 0, 0, 0, 0}, craftIPv6(17, dst6, pod6, netnstest.UDPDatagram(netip.AddrPortFrom(dst6, 9100), netip.AddrPortFrom(pod6, 39002), nil))...)
+	icmp6Err := append([]byte{1, 4, 0, 0, 0, 0, 0, 0}, netnstest.IPv6Packet(17, dst6, pod6, netnstest.UDPDatagram(netip.AddrPortFrom(dst6, 9100), netip.AddrPortFrom(pod6, 39002), nil))...)
 	var pseudo6 uint32
 	for _, b := range [][]byte{pod6.AsSlice(), dst6.AsSlice(), {0, 0, byte(len(icmp6Err) >> 8), byte(len(icmp6Err)), 0, 0, 0, 58}} {
 		for i := 0; i < len(b); i += 2 {
@@ -1462,7 +1407,7 @@ func craftedCases() []crafted {
 	// An extension-header chain one longer than the decoder follows.
 	var chain [][]byte
 	for range 17 {
-		chain = append(chain, craftOpts(60, 1))
+		chain = append(chain, netnstest.IPv6Options(60, 1))
 	}
 	chain[len(chain)-1][0] = 17
 	chain = append(chain, udp(pod6, dst6, 4))
@@ -1470,20 +1415,20 @@ func craftedCases() []crafted {
 	// Datagrams in two fragments: the node reassembles them before the
 	// queue sees them, once and whole.
 	whole4 := udp(pod4, dst4, 40)
-	frag4a := append(craftIPv4(17, 16, 5, 0x2000, pod4, dst4), whole4[:16]...)
-	frag4b := append(craftIPv4(17, len(whole4)-16, 5, 16/8, pod4, dst4), whole4[16:]...)
+	frag4a := append(netnstest.IPv4Header(17, 16, 5, 0x2000, pod4, dst4), whole4[:16]...)
+	frag4b := append(netnstest.IPv4Header(17, len(whole4)-16, 5, 16/8, pod4, dst4), whole4[16:]...)
 	copy(frag4b[4:6], frag4a[4:6]) // same IP ID
 	binary.BigEndian.PutUint16(frag4b[10:], 0)
 	binary.BigEndian.PutUint16(frag4b[10:], netnstest.Checksum(0, frag4b[:20]))
 	whole6 := udp(pod6, dst6, 40)
-	frag6a := craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 1, 0, 0, 0, 20}, whole6[:16])
-	frag6b := craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 16, 0, 0, 0, 20}, whole6[16:])
+	frag6a := netnstest.IPv6Packet(44, pod6, dst6, []byte{17, 0, 0, 1, 0, 0, 0, 20}, whole6[:16])
+	frag6b := netnstest.IPv6Packet(44, pod6, dst6, []byte{17, 0, 0, 16, 0, 0, 0, 20}, whole6[16:])
 	lone4 := udp(pod4, dst4, 40)
 	lone6 := udp(pod6, dst6, 40)
 
 	return []crafted{
-		{name: "ipv4 udp header cut by the total length", pkt: v4(5, udp(pod4, dst4, 4)[:4])},                                   // conntrack: invalid
-		{name: "ipv4 tcp header cut by the total length", pkt: append(craftIPv4(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...)}, // conntrack: invalid
+		{name: "ipv4 udp header cut by the total length", pkt: v4(5, udp(pod4, dst4, 4)[:4])},                                              // conntrack: invalid
+		{name: "ipv4 tcp header cut by the total length", pkt: append(netnstest.IPv4Header(6, 10, 5, 0, pod4, dst4), make([]byte, 10)...)}, // conntrack: invalid
 		{name: "ipv4 ihl 4", pkt: setByte(v4(5, udp(pod4, dst4, 4)), 0, 0x44)},
 		{name: "ipv4 ihl 15 beyond the packet", pkt: setByte(v4(5, udp(pod4, dst4, 4)), 0, 0x4f)},
 		{name: "ipv4 total length below the header", pkt: set16(v4(5, udp(pod4, dst4, 4)), 2, 12)},
@@ -1491,22 +1436,22 @@ func craftedCases() []crafted {
 		{name: "version 5 in an ipv4 frame", pkt: setByte(v4(5, udp(pod4, dst4, 4)), 0, 0x55)},
 		{name: "non-IP bytes in an ipv4 frame", pkt: []byte("this is not an IP packet at all, just bytes")},
 		{name: "ipv4 with options (ihl 7)", pkt: v4(7, udp(pod4, dst4, 4)), queued: true},
-		{name: "ipv4 unknown protocol", pkt: append(craftIPv4(253, 16, 5, 0, pod4, dst4), []byte("not a transport!")...), queued: true},
+		{name: "ipv4 unknown protocol", pkt: append(netnstest.IPv4Header(253, 16, 5, 0, pod4, dst4), []byte("not a transport!")...), queued: true},
 		{name: "ipv4 datagram in two fragments", pkt: frag4a, more: [][]byte{frag4b}, queued: true},
-		{name: "ipv4 lone first fragment", pkt: append(craftIPv4(17, 16, 5, 0x2000, pod4, dst4), lone4[:16]...)},
-		{name: "ipv4 lone non-first fragment", pkt: append(craftIPv4(17, 16, 5, 0x0004, pod4, dst4), lone4[32:48]...)},
-		{name: "ipv4 icmp error quoting a pod flow", pkt: append(craftIPv4(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...)}, // conntrack: no such flow, invalid
-		{name: "ipv6 hop-by-hop and destination options", pkt: craftIPv6(0, pod6, dst6, craftOpts(60, 1), craftOpts(17, 2), udp(pod6, dst6, 4)), queued: true},
-		{name: "ipv6 routing header type 0, no segments left", pkt: craftIPv6(43, pod6, dst6, []byte{17, 0, 0, 0, 0, 0, 0, 0}, udp(pod6, dst6, 4)), queued: true},
-		{name: "ipv6 extension chain over the bound", pkt: craftIPv6(60, pod6, dst6, chain...), queued: true, malformed: true},
-		{name: "ipv6 udp header cut by the payload length", pkt: craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)[:4])}, // conntrack: invalid
-		{name: "ipv6 no next header", pkt: craftIPv6(59, pod6, dst6, make([]byte, 8))},                              // conntrack: invalid
-		{name: "ipv6 payload length beyond the packet", pkt: set16(craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)), 4, 200)},
-		{name: "ipv6 header with version 0", pkt: setByte(craftIPv6(17, pod6, dst6, udp(pod6, dst6, 4)), 0, 0x00)},
+		{name: "ipv4 lone first fragment", pkt: append(netnstest.IPv4Header(17, 16, 5, 0x2000, pod4, dst4), lone4[:16]...)},
+		{name: "ipv4 lone non-first fragment", pkt: append(netnstest.IPv4Header(17, 16, 5, 0x0004, pod4, dst4), lone4[32:48]...)},
+		{name: "ipv4 icmp error quoting a pod flow", pkt: append(netnstest.IPv4Header(1, len(icmpErr), 5, 0, pod4, dst4), icmpErr...)}, // conntrack: no such flow, invalid
+		{name: "ipv6 hop-by-hop and destination options", pkt: netnstest.IPv6Packet(0, pod6, dst6, netnstest.IPv6Options(60, 1), netnstest.IPv6Options(17, 2), udp(pod6, dst6, 4)), queued: true},
+		{name: "ipv6 routing header type 0, no segments left", pkt: netnstest.IPv6Packet(43, pod6, dst6, []byte{17, 0, 0, 0, 0, 0, 0, 0}, udp(pod6, dst6, 4)), queued: true},
+		{name: "ipv6 extension chain over the bound", pkt: netnstest.IPv6Packet(60, pod6, dst6, chain...), queued: true, malformed: true},
+		{name: "ipv6 udp header cut by the payload length", pkt: netnstest.IPv6Packet(17, pod6, dst6, udp(pod6, dst6, 4)[:4])}, // conntrack: invalid
+		{name: "ipv6 no next header", pkt: netnstest.IPv6Packet(59, pod6, dst6, make([]byte, 8))},                              // conntrack: invalid
+		{name: "ipv6 payload length beyond the packet", pkt: set16(netnstest.IPv6Packet(17, pod6, dst6, udp(pod6, dst6, 4)), 4, 200)},
+		{name: "ipv6 header with version 0", pkt: setByte(netnstest.IPv6Packet(17, pod6, dst6, udp(pod6, dst6, 4)), 0, 0x00)},
 		{name: "ipv6 datagram in two fragments", pkt: frag6a, more: [][]byte{frag6b}, queued: true},
-		{name: "ipv6 lone first fragment", pkt: craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 1, 0, 0, 0, 21}, lone6[:16])},
-		{name: "ipv6 lone non-first fragment", pkt: craftIPv6(44, pod6, dst6, []byte{17, 0, 0, 16, 0, 0, 0, 22}, lone6[16:32])},
-		{name: "icmpv6 error quoting a pod flow", pkt: craftIPv6(58, pod6, dst6, icmp6Err)}, // conntrack: no such flow, invalid
+		{name: "ipv6 lone first fragment", pkt: netnstest.IPv6Packet(44, pod6, dst6, []byte{17, 0, 0, 1, 0, 0, 0, 21}, lone6[:16])},
+		{name: "ipv6 lone non-first fragment", pkt: netnstest.IPv6Packet(44, pod6, dst6, []byte{17, 0, 0, 16, 0, 0, 0, 22}, lone6[16:32])},
+		{name: "icmpv6 error quoting a pod flow", pkt: netnstest.IPv6Packet(58, pod6, dst6, icmp6Err)}, // conntrack: no such flow, invalid
 	}
 }
 
@@ -1517,7 +1462,7 @@ type craftSender struct {
 	sa4, sa6 unix.SockaddrLinklayer
 }
 
-func newCraftSender(top *netnstest.Topology) (*craftSender, error) {
+func newCraftSender(top *sandbox.Topology) (*craftSender, error) {
 	cs := &craftSender{fd: -1}
 	var gw net.HardwareAddr
 	if err := top.Node.Do(func() error {

@@ -10,8 +10,8 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/nat"
 )
 
 // dataplaneFlags are the flags that shape the kernel rule set. `nfmasq

@@ -45,11 +45,11 @@ func TestUninstallCommandBothBackends(t *testing.T) {
 		t.Errorf("stdout = %q", stdout.String())
 	}
 	for _, tool := range []string{"iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"} {
-		if out := ns.Run(t, tool); strings.Contains(out, rules.ChainPrefix) {
+		if out := netnstest.Run(t, ns, tool); strings.Contains(out, rules.ChainPrefix) {
 			t.Errorf("%s still shows nfmasq rules:\n%s", tool, out)
 		}
 	}
-	if out := ns.Run(t, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {
+	if out := netnstest.Run(t, ns, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {
 		t.Errorf("ipsets left: %s", out)
 	}
 	// Nothing left to do is not an error.

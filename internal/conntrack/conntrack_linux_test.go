@@ -14,13 +14,15 @@ import (
 	"github.com/mdlayher/netlink"
 	ct "github.com/ti-mo/conntrack"
 
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
-var podCIDRs = []netip.Prefix{netnstest.PodCIDR4, netnstest.PodCIDR6}
+var podCIDRs = []netip.Prefix{sandbox.PodCIDR4, sandbox.PodCIDR6}
 
 // restore loads an iptables-restore payload into ns without flushing.
-func restore(t testing.TB, ns *netnstest.NS, cmd, payload string) {
+func restore(t testing.TB, ns *netns.NS, cmd, payload string) {
 	t.Helper()
 	c := ns.Command(context.Background(), cmd, "--noflush")
 	c.Stdin = strings.NewReader(payload)
@@ -32,11 +34,11 @@ func restore(t testing.TB, ns *netnstest.NS, cmd, payload string) {
 var counterLine = regexp.MustCompile(`^\[(\d+):(\d+)\] .*--comment "?([a-z0-9.:-]+)"?`)
 
 // ruleCounters returns the counters of the commented rules in ns, by comment.
-func ruleCounters(t testing.TB, ns *netnstest.NS) map[string]Counters {
+func ruleCounters(t testing.TB, ns *netns.NS) map[string]Counters {
 	t.Helper()
 	out := map[string]Counters{}
 	for _, cmd := range []string{"iptables-save", "ip6tables-save"} {
-		for line := range strings.Lines(ns.Run(t, cmd, "-c", "-t", "filter")) {
+		for line := range strings.Lines(netnstest.Run(t, ns, cmd, "-c", "-t", "filter")) {
 			m := counterLine.FindStringSubmatch(line)
 			if m == nil {
 				continue
@@ -62,18 +64,6 @@ func dump(t testing.TB, netns int) []ct.Flow {
 		t.Fatal(err)
 	}
 	return flows
-}
-
-// waitFor polls cond under a deadline.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond) // polling kernel state under a deadline
-	}
 }
 
 // collect reads events until n match keep, or fails t at the deadline.
@@ -125,11 +115,11 @@ func TestFlowEnd(t *testing.T) {
 		decider Decider
 	}
 	dests := []dest{
-		{netnstest.Internet4, DefaultMarks.Masquerade, true, AgentMasquerade},
-		{netnstest.Internal4, DefaultMarks.Passthrough, false, AgentPassthrough},
-		{netnstest.CGNAT4, DefaultMarks.Fallback, true, KernelFallback},
-		{netnstest.Internet6, DefaultMarks.Masquerade, true, AgentMasquerade},
-		{netnstest.Internal6, DefaultMarks.Passthrough, false, AgentPassthrough},
+		{sandbox.Internet4, DefaultMarks.Masquerade, true, AgentMasquerade},
+		{sandbox.Internal4, DefaultMarks.Passthrough, false, AgentPassthrough},
+		{sandbox.CGNAT4, DefaultMarks.Fallback, true, KernelFallback},
+		{sandbox.Internet6, DefaultMarks.Masquerade, true, AgentMasquerade},
+		{sandbox.Internal6, DefaultMarks.Passthrough, false, AgentPassthrough},
 	}
 	// Stand-ins for the agent's rules: a connmark per destination, kernel
 	// MASQUERADE, and one counting rule per flow and direction.
@@ -137,7 +127,7 @@ func TestFlowEnd(t *testing.T) {
 		cmd string
 		pod netip.Addr
 		v4  bool
-	}{{"iptables-restore", netnstest.PodAddr4, true}, {"ip6tables-restore", netnstest.PodAddr6, false}} {
+	}{{"iptables-restore", sandbox.PodAddr4, true}, {"ip6tables-restore", sandbox.PodAddr6, false}} {
 		var mangle, nat, filter strings.Builder
 		for _, d := range dests {
 			if d.addr.Is4() != fam.v4 {
@@ -168,7 +158,7 @@ func TestFlowEnd(t *testing.T) {
 	}
 
 	l := listen(t, Config{NetNS: top.Node.FD(), PodCIDRs: podCIDRs})
-	sink, err := netnstest.StartSink(top.Remote, netnstest.Destinations, 9000)
+	sink, err := sandbox.StartSink(top.Remote, sandbox.Destinations, 9000)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,24 +175,24 @@ func TestFlowEnd(t *testing.T) {
 	start := time.Now()
 	for _, d := range dests {
 		dst := netip.AddrPortFrom(d.addr, 9000)
-		local, ok, err := netnstest.SendUDP(top.Pod, dst, make([]byte, 100), 5*time.Second)
+		local, ok, err := sandbox.SendUDP(top.Pod, dst, make([]byte, 100), 5*time.Second)
 		if err != nil || !ok {
 			t.Fatalf("udp to %v: echoed %v, %v", dst, ok, err)
 		}
 		flows = append(flows, sent{17, local, dst, 100, d})
-		local, _, err = netnstest.SendTCP(top.Pod, dst, make([]byte, 1000), 5*time.Second)
+		local, _, err = sandbox.SendTCP(top.Pod, dst, make([]byte, 1000), 5*time.Second)
 		if err != nil {
 			t.Fatalf("tcp to %v: %v", dst, err)
 		}
 		flows = append(flows, sent{6, local, dst, 1000, d})
 	}
 	// The node's own flow is not a pod's: the listener must ignore it.
-	if _, ok, err := netnstest.SendUDP(top.Node, netip.AddrPortFrom(netnstest.Internet4, 9000), []byte("node"), 5*time.Second); err != nil || !ok {
+	if _, ok, err := sandbox.SendUDP(top.Node, netip.AddrPortFrom(sandbox.Internet4, 9000), []byte("node"), 5*time.Second); err != nil || !ok {
 		t.Fatalf("udp from the node: %v, %v", ok, err)
 	}
 	// Wait until the last ACK of each TCP flow has crossed the node, so that
 	// no packet arrives after its entry is deleted.
-	waitFor(t, "TCP flows in TIME_WAIT", func() bool {
+	netnstest.Poll(t, 10*time.Second, 5*time.Millisecond, "TCP flows in TIME_WAIT", func() bool {
 		n := 0
 		for _, f := range dump(t, top.Node.FD()) {
 			if f.TupleOrig.Proto.Protocol == 6 && f.ProtoInfo.TCP != nil && f.ProtoInfo.TCP.State == 7 {
@@ -250,7 +240,7 @@ func TestFlowEnd(t *testing.T) {
 				t.Errorf("%s: counters %+v/%+v, want one %d-byte packet each way", name, f.OrigCounters, f.ReplyCounters, one.Bytes)
 			}
 		}
-		j := slices.IndexFunc(seen, func(v netnstest.Seen) bool { return v.Proto == proto && v.Dst == s.dst })
+		j := slices.IndexFunc(seen, func(v sandbox.Seen) bool { return v.Proto == proto && v.Dst == s.dst })
 		if j < 0 {
 			t.Errorf("%s: the remote recorded nothing", name)
 		} else if got := f.Translated(); got != seen[j].Src {
@@ -270,7 +260,7 @@ func TestFlowEnd(t *testing.T) {
 	if _, err := DeleteStale(context.Background(), top.Node.FD(), func(Flow) bool { return true }, []uint8{17}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the node's own flow to be ignored", func() bool { return l.Stats().Ignored >= 1 })
+	netnstest.Poll(t, 10*time.Second, 5*time.Millisecond, "the node's own flow to be ignored", func() bool { return l.Stats().Ignored >= 1 })
 	if st := l.Stats(); st.Delivered < uint64(len(flows)) || st.Dropped != 0 || st.Overruns != 0 || st.DecodeErrors != 0 {
 		t.Errorf("stats %+v", st)
 	}
@@ -285,9 +275,9 @@ func createUDP(t testing.TB, netns int, dst netip.Addr, firstPort, n int, mark u
 		t.Fatal(err)
 	}
 	defer c.Close()
-	src := netnstest.PodAddr4
+	src := sandbox.PodAddr4
 	if dst.Is6() {
-		src = netnstest.PodAddr6
+		src = sandbox.PodAddr6
 	}
 	for i := range n {
 		f := ct.NewFlow(17, 0, src, dst, uint16(firstPort+i), 53, 120, mark)
@@ -316,7 +306,7 @@ func TestFlowCreatedBeforeListening(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			early, late := netnstest.Internet4, netnstest.Internal4
+			early, late := sandbox.Internet4, sandbox.Internal4
 			createUDP(t, ns.FD(), early, 1000, 1, DefaultMarks.Fallback)
 			l := listen(t, Config{NetNS: ns.FD()})
 			createUDP(t, ns.FD(), late, 2000, 1, DefaultMarks.Masquerade)
@@ -350,7 +340,7 @@ func TestOverrun(t *testing.T) {
 	overruns := make(chan struct{}, 1<<16)
 	l := listen(t, Config{NetNS: ns.FD(), ReadBuffer: 16384, Buffer: 1 << 14, OnOverrun: func() { overruns <- struct{}{} }})
 	const n = 3000
-	createUDP(t, ns.FD(), netnstest.Internet4, 1000, n, 0)
+	createUDP(t, ns.FD(), sandbox.Internet4, 1000, n, 0)
 	c, err := ct.Dial(&netlink.Config{NetNS: ns.FD()})
 	if err != nil {
 		t.Fatal(err)
@@ -369,8 +359,8 @@ func TestOverrun(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("no event after the flood; stats %+v", l.Stats())
 		}
-		createUDP(t, ns.FD(), netnstest.Internal4, port, 1, 0)
-		if _, err := DeleteStale(context.Background(), ns.FD(), func(f Flow) bool { return f.Orig.Dst.Addr() == netnstest.Internal4 }, []uint8{17}); err != nil {
+		createUDP(t, ns.FD(), sandbox.Internal4, port, 1, 0)
+		if _, err := DeleteStale(context.Background(), ns.FD(), func(f Flow) bool { return f.Orig.Dst.Addr() == sandbox.Internal4 }, []uint8{17}); err != nil {
 			t.Fatal(err)
 		}
 		wait := time.After(200 * time.Millisecond)
@@ -378,7 +368,7 @@ func TestOverrun(t *testing.T) {
 		for {
 			select {
 			case ev := <-l.Events():
-				if ev.Flow.Orig.Dst.Addr() == netnstest.Internal4 {
+				if ev.Flow.Orig.Dst.Addr() == sandbox.Internal4 {
 					got = true
 					break drain
 				}
@@ -407,7 +397,7 @@ func TestReliable(t *testing.T) {
 	ns := netnstest.New(t, "ctrel")
 	const n = 3000
 	l := listen(t, Config{NetNS: ns.FD(), ReadBuffer: 16384, Buffer: 2 * n, Reliable: true})
-	createUDP(t, ns.FD(), netnstest.Internet4, 1000, n, 0)
+	createUDP(t, ns.FD(), sandbox.Internet4, 1000, n, 0)
 	c, err := ct.Dial(&netlink.Config{NetNS: ns.FD()})
 	if err != nil {
 		t.Fatal(err)
@@ -417,7 +407,7 @@ func TestReliable(t *testing.T) {
 	if err := c.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "every destroy event", func() bool { return l.Stats().Delivered == n })
+	netnstest.Poll(t, 10*time.Second, 5*time.Millisecond, "every destroy event", func() bool { return l.Stats().Delivered == n })
 	if st := l.Stats(); st.Overruns != 0 || st.Received != n {
 		t.Errorf("stats %+v", st)
 	}
@@ -431,17 +421,17 @@ func TestReliable(t *testing.T) {
 func TestDeleteStale(t *testing.T) {
 	netnstest.Require(t)
 	ns := netnstest.New(t, "ctdel")
-	createUDP(t, ns.FD(), netnstest.Internet4, 1000, 2, DefaultMarks.Masquerade)
-	createUDP(t, ns.FD(), netnstest.Internal4, 1000, 1, DefaultMarks.Passthrough)
-	createUDP(t, ns.FD(), netnstest.Internet6, 1000, 1, DefaultMarks.Masquerade)
+	createUDP(t, ns.FD(), sandbox.Internet4, 1000, 2, DefaultMarks.Masquerade)
+	createUDP(t, ns.FD(), sandbox.Internal4, 1000, 1, DefaultMarks.Passthrough)
+	createUDP(t, ns.FD(), sandbox.Internet6, 1000, 1, DefaultMarks.Masquerade)
 	c, err := ct.Dial(&netlink.Config{NetNS: ns.FD()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	tcp := ct.NewFlow(6, 0, netnstest.PodAddr4, netnstest.Internet4, 40000, 443, 120, DefaultMarks.Masquerade)
+	tcp := ct.NewFlow(6, 0, sandbox.PodAddr4, sandbox.Internet4, 40000, 443, 120, DefaultMarks.Masquerade)
 	tcp.ProtoInfo.TCP = &ct.ProtoInfoTCP{State: 3}
-	icmp := ct.NewFlow(1, 0, netnstest.PodAddr4, netnstest.Internet4, 0, 0, 30, DefaultMarks.Masquerade)
+	icmp := ct.NewFlow(1, 0, sandbox.PodAddr4, sandbox.Internet4, 0, 0, 30, DefaultMarks.Masquerade)
 	icmp.TupleOrig.Proto.ICMPType, icmp.TupleOrig.Proto.ICMPID = 8, 77
 	icmp.TupleReply.Proto.ICMPType, icmp.TupleReply.Proto.ICMPID = 0, 77
 	for _, f := range []ct.Flow{tcp, icmp} {
@@ -451,7 +441,7 @@ func TestDeleteStale(t *testing.T) {
 	}
 
 	toInternet := func(f Flow) bool {
-		return f.Orig.Dst.Addr() == netnstest.Internet4 || f.Orig.Dst.Addr() == netnstest.Internet6
+		return f.Orig.Dst.Addr() == sandbox.Internet4 || f.Orig.Dst.Addr() == sandbox.Internet6
 	}
 	var icmpSeen ICMP
 	steps := []struct {

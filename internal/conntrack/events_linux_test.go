@@ -21,8 +21,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nfmasq/nfmasq/internal/cputime"
-	"github.com/nfmasq/nfmasq/internal/nl"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/nl"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 var updateCorpus = flag.Bool("update-corpus", false, "write the kernel events TestKernelEvents captures to testdata/fuzz/FuzzDecodeEvent")
@@ -82,7 +83,7 @@ func TestKernelEvents(t *testing.T) {
 	for _, fam := range []struct {
 		cmd           string
 		pod, internet netip.Addr
-	}{{"iptables-restore", netnstest.PodAddr4, netnstest.Internet4}, {"ip6tables-restore", netnstest.PodAddr6, netnstest.Internet6}} {
+	}{{"iptables-restore", sandbox.PodAddr4, sandbox.Internet4}, {"ip6tables-restore", sandbox.PodAddr6, sandbox.Internet6}} {
 		restore(t, top.Node, fam.cmd, fmt.Sprintf("*mangle\n-A FORWARD -s %s -j CONNMARK --set-xmark %#x/%#x\nCOMMIT\n*nat\n-A POSTROUTING -s %s -d %s -j MASQUERADE\nCOMMIT\n",
 			fam.pod, DefaultMarks.Masquerade, DefaultMarks.Mask, fam.pod, fam.internet))
 	}
@@ -90,18 +91,18 @@ func TestKernelEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	read := capture(t, top.Node.FD())
-	sink, err := netnstest.StartSink(top.Remote, netnstest.Destinations, 9000)
+	sink, err := sandbox.StartSink(top.Remote, sandbox.Destinations, 9000)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sink.Close()
 
-	for _, d := range []netip.Addr{netnstest.Internet4, netnstest.Internal4, netnstest.Internet6, netnstest.Internal6} {
+	for _, d := range []netip.Addr{sandbox.Internet4, sandbox.Internal4, sandbox.Internet6, sandbox.Internal6} {
 		dst := netip.AddrPortFrom(d, 9000)
-		if _, ok, err := netnstest.SendUDP(top.Pod, dst, make([]byte, 100), 5*time.Second); err != nil || !ok {
+		if _, ok, err := sandbox.SendUDP(top.Pod, dst, make([]byte, 100), 5*time.Second); err != nil || !ok {
 			t.Fatalf("udp to %v: echoed %v, %v", dst, ok, err)
 		}
-		if _, _, err := netnstest.SendTCP(top.Pod, dst, make([]byte, 1000), 5*time.Second); err != nil {
+		if _, _, err := sandbox.SendTCP(top.Pod, dst, make([]byte, 1000), 5*time.Second); err != nil {
 			t.Fatalf("tcp to %v: %v", dst, err)
 		}
 	}
@@ -110,10 +111,10 @@ func TestKernelEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	icmp := ct.NewFlow(1, 0, netnstest.PodAddr4, netnstest.Internet4, 0, 0, 30, DefaultMarks.Fallback)
+	icmp := ct.NewFlow(1, 0, sandbox.PodAddr4, sandbox.Internet4, 0, 0, 30, DefaultMarks.Fallback)
 	icmp.TupleOrig.Proto.ICMPType, icmp.TupleOrig.Proto.ICMPID = 8, 77
 	icmp.TupleReply.Proto.ICMPType, icmp.TupleReply.Proto.ICMPID = 0, 77
-	icmp6 := ct.NewFlow(58, 0, netnstest.PodAddr6, netnstest.Internet6, 0, 0, 30, 0)
+	icmp6 := ct.NewFlow(58, 0, sandbox.PodAddr6, sandbox.Internet6, 0, 0, 30, 0)
 	icmp6.Zone = 7
 	icmp6.TupleOrig.Proto.ICMPType, icmp6.TupleOrig.Proto.ICMPID = 128, 78
 	icmp6.TupleReply.Proto.ICMPType, icmp6.TupleReply.Proto.ICMPID = 129, 78
@@ -129,7 +130,7 @@ func TestKernelEvents(t *testing.T) {
 
 	var got []captured
 	destroyed := 0
-	waitFor(t, fmt.Sprintf("%d destroy events", entries), func() bool {
+	netnstest.Poll(t, 10*time.Second, 5*time.Millisecond, fmt.Sprintf("%d destroy events", entries), func() bool {
 		for _, c := range read() {
 			got = append(got, c)
 			if nl.MessageType(c.dgram)&0xff == msgCTDelete {
@@ -194,11 +195,11 @@ func TestTruncatedEvent(t *testing.T) {
 	t.Cleanup(func() { l.Close() })
 
 	for i, want := range []uint64{1, 2} {
-		createUDP(t, ns.FD(), netnstest.Internet4, 1000+i, 1, 0)
+		createUDP(t, ns.FD(), sandbox.Internet4, 1000+i, 1, 0)
 		if _, err := DeleteStale(context.Background(), ns.FD(), func(Flow) bool { return true }, []uint8{17}); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, fmt.Sprintf("decode error %d", want), func() bool { return l.Stats().DecodeErrors == want })
+		netnstest.Poll(t, 10*time.Second, 5*time.Millisecond, fmt.Sprintf("decode error %d", want), func() bool { return l.Stats().DecodeErrors == want })
 	}
 	if st := l.Stats(); st.Received != 0 || l.Err() != nil {
 		t.Errorf("stats %+v, err %v", st, l.Err())
@@ -305,7 +306,7 @@ func BenchmarkKernelDestroy(b *testing.B) {
 			for b.Loop() {
 				rounds++
 				b.StopTimer()
-				createUDP(b, ns.FD(), netnstest.Internet4, 1000, kernelEntries, 0)
+				createUDP(b, ns.FD(), sandbox.Internet4, 1000, kernelEntries, 0)
 				// The flush waits for a line on its standard input:
 				// starting a process costs this one CPU too.
 				flush := ns.Command(context.Background(), "sh", "-c", "read go && exec conntrack -F")

@@ -4,9 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"runtime"
 
-	"golang.org/x/sys/unix"
+	"github.com/nfmasq/nfmasq/internal/netns"
 )
 
 // accountingSysctls are what the flow log needs from conntrack, per
@@ -26,11 +25,11 @@ var accountingSysctls = []string{
 }
 
 // EnableAccounting sets the conntrack sysctls the flow log relies on to 1
-// in netns (0: the caller's) where they are not already, and returns the
+// in the network namespace nsFD (0: the caller's) where they are not already, and returns the
 // dotted names of those it changed, for the start-up log. The conntrack
 // module must be loaded (the agent's rules load it).
-func EnableAccounting(netns int) (changed []string, err error) {
-	err = inNetNS(netns, func() error {
+func EnableAccounting(nsFD int) (changed []string, err error) {
+	err = netns.Do(nsFD, func() error {
 		for _, key := range accountingSysctls {
 			path := "/proc/sys/" + key
 			cur, err := os.ReadFile(path)
@@ -58,24 +57,4 @@ func dotted(key string) string {
 		}
 	}
 	return string(b)
-}
-
-// inNetNS runs fn on an OS thread switched into netns; /proc/sys/net shows
-// the namespace of the thread that opens it. The thread is never unlocked,
-// so the runtime discards it when the goroutine ends instead of reusing it
-// in the wrong namespace.
-func inNetNS(netns int, fn func() error) error {
-	if netns == 0 {
-		return fn()
-	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Setns(netns, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("enter network namespace: %w", err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
 }

@@ -36,7 +36,7 @@ func TestDiskFull(t *testing.T) {
 			l.Log(decision(sent))
 			sent++
 		}
-		eventually(t, "the batch to be written or lost", func() bool {
+		netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "the batch to be written or lost", func() bool {
 			st := l.Stats()
 			return int(st.Written[KindDecision]+st.Lost(KindDecision)) == sent
 		})

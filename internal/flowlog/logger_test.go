@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 // lines is a sink that keeps what it receives, safe to read while the
@@ -51,18 +53,6 @@ func parseLines(t testing.TB, b []byte) []map[string]any {
 		out = append(out, m)
 	}
 	return out
-}
-
-// eventually waits for cond, polling, and fails t after the deadline.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond) // polling a condition under a deadline
-	}
 }
 
 func decision(i int) Record {
@@ -224,7 +214,7 @@ func TestStalledSink(t *testing.T) {
 	}
 
 	pipe.drain()
-	eventually(t, "a gap record after the sink drains", func() bool {
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "a gap record after the sink drains", func() bool {
 		return strings.Contains(string(pipe.bytes()), `"kind":"gap"`)
 	})
 	if err := l.Close(); err != nil {
@@ -280,10 +270,10 @@ func TestWriteErrors(t *testing.T) {
 				}
 			}
 			logN(10)
-			eventually(t, "the first records", func() bool { return l.Stats().Written[KindDecision] == 10 })
+			netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "the first records", func() bool { return l.Stats().Written[KindDecision] == 10 })
 			sink.broken.Store(true)
 			logN(50)
-			eventually(t, "write errors", func() bool {
+			netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "write errors", func() bool {
 				st := l.Stats()
 				return st.Written[KindDecision]+st.Dropped[ReasonWriteError][KindDecision] == 60
 			})
@@ -387,7 +377,7 @@ func TestReportLost(t *testing.T) {
 	sink := &lines{}
 	l := newLogger(t, Options{Writer: sink, CheckInterval: 5 * time.Millisecond})
 	l.ReportLost(ReasonKernelOverrun, KindEnd, 3)
-	eventually(t, "a gap record", func() bool { return l.Stats().Written[KindGap] == 1 })
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "a gap record", func() bool { return l.Stats().Written[KindGap] == 1 })
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 )
 
 func TestParseSink(t *testing.T) {
@@ -100,7 +102,7 @@ func TestFileRotation(t *testing.T) {
 	}
 	// lumberjack removes old files in its own goroutine after a rotation.
 	var names []string
-	eventually(t, "rotation to keep the log and 2 backups", func() bool {
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "rotation to keep the log and 2 backups", func() bool {
 		names, _ = readDir(t, dir)
 		return len(names) == 3
 	})
@@ -125,7 +127,7 @@ func TestFileDeleted(t *testing.T) {
 	for i := range 10 {
 		l.Log(decision(i))
 	}
-	eventually(t, "10 records written", func() bool { return l.Stats().Written[KindDecision] == 10 })
+	netnstest.Poll(t, 10*time.Second, 2*time.Millisecond, "10 records written", func() bool { return l.Stats().Written[KindDecision] == 10 })
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package netnstest
 import (
 	"encoding/binary"
 	"net/netip"
+	"sync/atomic"
 )
 
 // Checksum is the Internet checksum (RFC 1071) of b, continuing from the
@@ -47,4 +48,51 @@ func UDPDatagram(src, dst netip.AddrPort, payload []byte) []byte {
 	}
 	binary.BigEndian.PutUint16(u[6:], c)
 	return u
+}
+
+// ipID numbers the IPv4 headers IPv4Header builds, so that fragments of
+// different datagrams never meet in a node's reassembly queue.
+var ipID atomic.Uint32
+
+// IPv4Header is an IPv4 header of ihl 32-bit words (options padded with
+// NOPs) for a payload of payloadLen bytes, with the fragment field frag
+// and a correct header checksum.
+func IPv4Header(proto byte, payloadLen, ihl int, frag uint16, src, dst netip.Addr) []byte {
+	h := make([]byte, ihl*4)
+	h[0] = 0x40 | byte(ihl)
+	binary.BigEndian.PutUint16(h[2:], uint16(ihl*4+payloadLen))
+	binary.BigEndian.PutUint16(h[4:], uint16(ipID.Add(1)))
+	binary.BigEndian.PutUint16(h[6:], frag)
+	h[8], h[9] = 64, proto
+	copy(h[12:], src.AsSlice())
+	copy(h[16:], dst.AsSlice())
+	for i := 20; i < len(h); i++ {
+		h[i] = 1 // NOP options
+	}
+	binary.BigEndian.PutUint16(h[10:], Checksum(0, h))
+	return h
+}
+
+// IPv6Packet is an IPv6 header whose first next header is nh, followed by
+// parts (extension headers, transport), with the payload length of parts.
+func IPv6Packet(nh byte, src, dst netip.Addr, parts ...[]byte) []byte {
+	b := make([]byte, 40)
+	b[0] = 0x60
+	b[6], b[7] = nh, 64
+	copy(b[8:], src.AsSlice())
+	copy(b[24:], dst.AsSlice())
+	for _, p := range parts {
+		b = append(b, p...)
+	}
+	binary.BigEndian.PutUint16(b[4:], uint16(len(b)-40))
+	return b
+}
+
+// IPv6Options is an IPv6 options header (hop-by-hop or destination
+// options) of 8*units bytes whose next header is nh, padded with PadN.
+func IPv6Options(nh byte, units int) []byte {
+	b := make([]byte, 8*units)
+	b[0], b[1] = nh, byte(units-1)
+	b[2], b[3] = 1, byte(len(b)-4) // PadN
+	return b
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"testing"
 
+	"github.com/nfmasq/nfmasq/internal/cputime"
 	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
@@ -20,7 +21,7 @@ func BenchmarkReplayInMemory(b *testing.B) {
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu0 := cpuTime()
+	cpu0 := cputime.Process()
 	// Whole captures are replayed, so up to one capture more than b.N
 	// packets; the rates count what was done.
 	done := 0
@@ -30,7 +31,7 @@ func BenchmarkReplayInMemory(b *testing.B) {
 		}
 		done += int(st.Packets)
 	}
-	cpu := cpuTime() - cpu0
+	cpu := cputime.Process() - cpu0
 	b.StopTimer()
 	b.ReportMetric(float64(done)/b.Elapsed().Seconds(), "pkts/s")
 	// Per CPU second of the process: on a shared machine the wall-clock
@@ -50,7 +51,7 @@ func BenchmarkReplayNewFlows(b *testing.B) {
 	policy := testPolicy(b)
 	b.ReportAllocs()
 	b.ResetTimer()
-	cpu0 := cpuTime()
+	cpu0 := cputime.Process()
 	done := 0
 	for done < b.N {
 		r := replay.New(policy, replay.Options{})
@@ -59,7 +60,7 @@ func BenchmarkReplayNewFlows(b *testing.B) {
 		}
 		done += int(st.Packets)
 	}
-	cpu := cpuTime() - cpu0
+	cpu := cputime.Process() - cpu0
 	b.StopTimer()
 	b.ReportMetric(float64(done)/b.Elapsed().Seconds(), "flows/s")
 	if cpu > 0 {

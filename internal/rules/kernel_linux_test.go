@@ -12,7 +12,9 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
 )
 
 // The kernel tests run the real tools inside a namespace of their own,
@@ -31,11 +33,11 @@ var backends = []Backend{BackendNFT, BackendLegacy}
 
 // kernelNode is a namespace and an Installer working in it.
 type kernelNode struct {
-	ns *netnstest.NS
+	ns *netns.NS
 	in *Installer
 }
 
-func newKernelNode(t *testing.T, ns *netnstest.NS, b Backend) *kernelNode {
+func newKernelNode(t *testing.T, ns *netns.NS, b Backend) *kernelNode {
 	t.Helper()
 	k := &kernelNode{ns: ns, in: &Installer{Runner: NetNSRunner{Name: ns.Name}, Backend: b}}
 	// What kubelet and kube-proxy would have put there first.
@@ -156,7 +158,7 @@ func TestKernelInstallVerifyUninstall(t *testing.T) {
 				}
 
 				// Someone flushes the fallback: Check notices, Install repairs.
-				k.ns.Run(t, "iptables-"+string(b), "-w", "-t", "nat", "-F", ChainFallback)
+				netnstest.Run(t, k.ns, "iptables-"+string(b), "-w", "-t", "nat", "-F", ChainFallback)
 				if err := k.in.Check(ctx, cfg); !errors.Is(err, ErrRulesChanged) {
 					t.Fatalf("Check after flushing %s = %v, want ErrRulesChanged", ChainFallback, err)
 				}
@@ -187,7 +189,7 @@ func TestKernelCheckDetectsSetChange(t *testing.T) {
 	if err := k.in.Install(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	k.ns.Run(t, "ipset", "del", SetName(IPv6), "fd00::/8")
+	netnstest.Run(t, k.ns, "ipset", "del", SetName(IPv6), "fd00::/8")
 	if err := k.in.Check(ctx, cfg); !errors.Is(err, ErrRulesChanged) {
 		t.Fatalf("Check after removing a set entry = %v, want ErrRulesChanged", err)
 	}
@@ -230,7 +232,7 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 
 	cfg := DefaultConfig()
 	cfg.EnableIPv6 = true
-	cfg.PodCIDRs = []netip.Prefix{netnstest.PodCIDR4, netnstest.PodCIDR6}
+	cfg.PodCIDRs = []netip.Prefix{sandbox.PodCIDR4, sandbox.PodCIDR6}
 	cfg.NonMasquerade4 = prefixes(t, ipMasqAgentDefaults...)
 	cfg.NonMasquerade6 = prefixes(t, "fd00::/8")
 	edit(&cfg)
@@ -239,29 +241,29 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 	}
 
 	const port = 7777
-	node := map[bool]netip.Addr{false: netnstest.NodeAddr4, true: netnstest.NodeAddr6}
-	pod := map[bool]netip.Addr{false: netnstest.PodAddr4, true: netnstest.PodAddr6}
+	node := map[bool]netip.Addr{false: sandbox.NodeAddr4, true: sandbox.NodeAddr6}
+	pod := map[bool]netip.Addr{false: sandbox.PodAddr4, true: sandbox.PodAddr6}
 	type want struct {
 		dst  netip.Addr
 		mark uint32 // the agent's stand-in verdict; 0 leaves the flow to the fallback
 		masq bool
 	}
 	wants := []want{
-		{netnstest.LinkLocal4, 0, false},
-		{netnstest.CGNAT4, 0, true},
-		{netnstest.Internal6, 0, false},
+		{sandbox.LinkLocal4, 0, false},
+		{sandbox.CGNAT4, 0, true},
+		{sandbox.Internal6, 0, false},
 	}
 	if cfg.QueueEnabled {
 		// A verdict wins over what the fallback would decide.
 		wants = append(wants,
-			want{netnstest.Internal4, cfg.Mark.Masquerade, true},
-			want{netnstest.Internet4, cfg.Mark.Passthrough, false},
-			want{netnstest.Internet6, cfg.Mark.Passthrough, false})
+			want{sandbox.Internal4, cfg.Mark.Masquerade, true},
+			want{sandbox.Internet4, cfg.Mark.Passthrough, false},
+			want{sandbox.Internet6, cfg.Mark.Passthrough, false})
 	} else {
 		wants = append(wants,
-			want{netnstest.Internal4, 0, false},
-			want{netnstest.Internet4, 0, true},
-			want{netnstest.Internet6, 0, true})
+			want{sandbox.Internal4, 0, false},
+			want{sandbox.Internet4, 0, true},
+			want{sandbox.Internet6, 0, true})
 	}
 	for _, w := range wants {
 		if w.mark == 0 {
@@ -271,11 +273,11 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 		if w.dst.Is6() {
 			tool = "ip6tables-" + string(b)
 		}
-		k.ns.Run(t, tool, "-w", "-t", "mangle", "-A", "PREROUTING", "-d", w.dst.String(),
+		netnstest.Run(t, k.ns, tool, "-w", "-t", "mangle", "-A", "PREROUTING", "-d", w.dst.String(),
 			"-j", "MARK", "--set-xmark", fmt.Sprintf("%#x/%#x", w.mark, cfg.Mark.Mask))
 	}
 
-	sink, err := netnstest.StartSink(top.Remote, netnstest.Destinations, port)
+	sink, err := sandbox.StartSink(top.Remote, sandbox.Destinations, port)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,12 +289,12 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 			var local netip.AddrPort
 			if proto == "udp" {
 				var ok bool
-				local, ok, err = netnstest.SendUDP(top.Pod, dst, []byte("x"), 3*time.Second)
+				local, ok, err = sandbox.SendUDP(top.Pod, dst, []byte("x"), 3*time.Second)
 				if err == nil && !ok {
 					err = errors.New("no echo")
 				}
 			} else {
-				local, _, err = netnstest.SendTCP(top.Pod, dst, []byte("x"), 3*time.Second)
+				local, _, err = sandbox.SendTCP(top.Pod, dst, []byte("x"), 3*time.Second)
 			}
 			if err != nil {
 				t.Errorf("%s to %s: %v", proto, dst, err)
@@ -333,7 +335,7 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 		if w.dst.Is6() {
 			family = "ipv6"
 		}
-		out := top.Node.Run(t, "conntrack", "-L", "-f", family, "-d", w.dst.String())
+		out := netnstest.Run(t, top.Node, "conntrack", "-L", "-f", family, "-d", w.dst.String())
 		marks := regexp.MustCompile(`mark=(\d+)`).FindAllStringSubmatch(out, -1)
 		if len(marks) == 0 {
 			t.Errorf("no conntrack entry for %s:\n%s", w.dst, out)
@@ -347,7 +349,7 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 }
 
 // Seen is the sink's record, aliased for brevity in predicates.
-type Seen = netnstest.Seen
+type Seen = sandbox.Seen
 
 // sameFlow reports whether the remote's record belongs to the flow sent
 // from local: either unchanged, or masqueraded to the node address (the

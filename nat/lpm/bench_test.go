@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/gaissmai/bart"
+	"github.com/nfmasq/nfmasq/internal/cputime"
 	"go4.org/netipx"
 )
 
@@ -291,9 +292,9 @@ func BenchmarkLookup(b *testing.B) {
 				b.Run("impl="+impl.name, func(b *testing.B) {
 					bt := getBuilt(set, impl)
 					b.ResetTimer()
-					cpu := processCPUTime()
+					cpu := cputime.Process()
 					sink += bt.lookup(set.dests, b.N)
-					cpu = processCPUTime() - cpu
+					cpu = cputime.Process() - cpu
 					b.StopTimer()
 					ns := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
 					if cpu > 0 {
@@ -331,12 +332,12 @@ func BenchmarkCompile(b *testing.B) {
 					continue
 				}
 				b.Run("impl="+impl.name, func(b *testing.B) {
-					cpu := processCPUTime()
+					cpu := cputime.Process()
 					for range b.N {
 						impl.compile(set.prefixes)
 					}
 					if cpu > 0 {
-						b.ReportMetric(float64(processCPUTime()-cpu)/float64(b.N), "cpu-ns/op")
+						b.ReportMetric(float64(cputime.Process()-cpu)/float64(b.N), "cpu-ns/op")
 					}
 				})
 			}

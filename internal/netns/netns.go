@@ -1,58 +1,67 @@
-package netnstest
+// Package netns creates named network namespaces and runs code inside
+// them. It is the one place nfmasq enters a namespace: the queue binds
+// its sockets there, conntrack writes its sysctls there, the demo's
+// sandbox and the kernel tests build their hosts there.
+//
+// Namespaces are made with iproute2 (`ip netns add`, arguments only,
+// never a shell) and named nfm-<prefix>-<pid>-<n>, so parallel runs and
+// leftovers of a killed run cannot collide.
+//
+// Do switches a dedicated OS thread and never hands it back to the Go
+// scheduler, so no goroutine ever runs in the wrong namespace. An NS is
+// safe for concurrent use.
+package netns
 
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
 	"sync/atomic"
-	"testing"
 
 	"golang.org/x/sys/unix"
 )
 
-// E2E reports whether kernel tests are required (NFMASQ_E2E=1): then a
-// missing privilege or tool fails the test instead of skipping it.
-func E2E() bool { return os.Getenv("NFMASQ_E2E") == "1" }
-
-// Require skips t unless it runs as root with the named tools on PATH
-// (`ip` is always required). With NFMASQ_E2E=1 it fails instead.
-func Require(t testing.TB, tools ...string) {
-	t.Helper()
-	var missing []string
-	if os.Geteuid() != 0 {
-		missing = append(missing, "root")
+// Do runs fn in the network namespace open as fd. With fd 0 fn runs in
+// the caller's namespace, on the caller's thread locked for fn's
+// duration. Otherwise fn runs on a new OS thread switched into the
+// namespace; that thread exits with fn's goroutine instead of returning to
+// the scheduler. Sockets and /proc/net or /proc/sys/net files opened by fn
+// belong to the namespace for their whole life, whichever goroutine uses
+// them later.
+func Do(fd int, fn func() error) error {
+	if fd == 0 {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		return fn()
 	}
-	for _, tool := range append([]string{"ip"}, tools...) {
-		if _, err := exec.LookPath(tool); err != nil {
-			missing = append(missing, tool)
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("enter network namespace: %w", err)
+			return
 		}
-	}
-	if len(missing) == 0 {
-		return
-	}
-	msg := "kernel test needs " + strings.Join(missing, ", ")
-	if E2E() {
-		t.Fatal(msg + " (NFMASQ_E2E=1: required)")
-	}
-	t.Skip(msg)
+		errc <- fn()
+	}()
+	return <-errc
 }
 
 var seq atomic.Int64
 
-// NS is a named network namespace created by New.
+// NS is a named network namespace made by Create.
 type NS struct {
 	// Name is the name under /run/netns, usable with `ip netns exec`.
 	Name string
 	fd   int
 }
 
-// Create makes a namespace without a testing.TB (for the demo). The caller
-// must call Close.
+// Create makes a namespace with loopback up and IPv6 duplicate address
+// detection off (addresses are usable the moment a link is up). The
+// caller must call Close.
 func Create(prefix string) (*NS, error) {
 	name := fmt.Sprintf("nfm-%s-%d-%d", prefix, os.Getpid(), seq.Add(1))
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
@@ -64,13 +73,10 @@ func Create(prefix string) (*NS, error) {
 		return nil, fmt.Errorf("open netns %s: %w", name, err)
 	}
 	n := &NS{Name: name, fd: fd}
-	// Loopback up: local sockets and conntrack helpers expect it.
 	if _, err := n.Try("ip", "link", "set", "lo", "up"); err != nil {
 		n.Close()
 		return nil, err
 	}
-	// No duplicate address detection: addresses (link-local ones too) are
-	// usable the moment a link is up, so tests never wait for DAD.
 	for _, key := range []string{"net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"} {
 		if err := n.Sysctl(key, "0"); err != nil {
 			n.Close()
@@ -78,17 +84,6 @@ func Create(prefix string) (*NS, error) {
 		}
 	}
 	return n, nil
-}
-
-// New creates a namespace removed when t ends.
-func New(t testing.TB, prefix string) *NS {
-	t.Helper()
-	n, err := Create(prefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.Close)
-	return n
 }
 
 // Close deletes the namespace. Processes still inside keep it alive until
@@ -102,7 +97,8 @@ func (n *NS) Close() {
 }
 
 // FD returns an open file descriptor of the namespace, for APIs that take
-// one (netlink.Config.NetNS). It stays valid until Close.
+// one (queue.Config.NetNS, conntrack.Config.NetNS). It stays valid until
+// Close.
 func (n *NS) FD() int { return n.fd }
 
 // Command returns a command that runs inside the namespace.
@@ -119,44 +115,13 @@ func (n *NS) Try(args ...string) (string, error) {
 	return string(out), nil
 }
 
-// Run is Try that fails t on error.
-func (n *NS) Run(t testing.TB, args ...string) string {
-	t.Helper()
-	out, err := n.Try(args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-// Do runs fn on an OS thread switched into the namespace. Sockets and
-// netlink connections opened by fn belong to the namespace for their whole
-// life, whichever goroutine uses them later. The thread is never returned
-// to the scheduler: the goroutine exits locked, so the runtime discards it.
-func (n *NS) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_FS); err != nil {
-			errc <- fmt.Errorf("unshare fs: %w", err)
-			return
-		}
-		if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", n.Name, err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
+// Do runs fn on an OS thread inside the namespace (see the function Do).
+func (n *NS) Do(fn func() error) error { return Do(n.fd, fn) }
 
 // Sysctl writes a sysctl inside the namespace (key in dotted form).
 func (n *NS) Sysctl(key, value string) error {
 	path := "/proc/sys/" + strings.ReplaceAll(key, ".", "/")
-	return n.Do(func() error {
-		// /proc/sys/net reflects the namespace of the thread that opens it.
-		return os.WriteFile(path, []byte(value), 0o644)
-	})
+	return n.Do(func() error { return os.WriteFile(path, []byte(value), 0o644) })
 }
 
 // Veth joins a and b with a veth pair named aName (in a) and bName (in b),
@@ -186,14 +151,3 @@ func Veth(a *NS, aName string, aAddrs []string, b *NS, bName string, bAddrs []st
 	}
 	return nil
 }
-
-// MustVeth is Veth that fails t on error.
-func MustVeth(t testing.TB, a *NS, aName string, aAddrs []string, b *NS, bName string, bAddrs []string) {
-	t.Helper()
-	if err := Veth(a, aName, aAddrs, b, bName, bAddrs); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// ErrNotRoot is returned by Create-style helpers used outside tests.
-var ErrNotRoot = errors.New("network namespaces need root")

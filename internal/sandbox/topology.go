@@ -1,11 +1,12 @@
-package netnstest
+package sandbox
 
 import (
 	"fmt"
 	"net/netip"
 	"strings"
-	"testing"
 	"time"
+
+	"github.com/nfmasq/nfmasq/internal/netns"
 )
 
 // Addresses of the standard topology. The pod network and the node's
@@ -44,13 +45,14 @@ var Destinations = []netip.Addr{Internal4, Internet4, CGNAT4, LinkLocal4, Intern
 // node (like a VPC route), so a flow that keeps the pod address still gets
 // its replies.
 type Topology struct {
-	Pod, Node, Remote *NS
+	Pod, Node, Remote *netns.NS
 }
 
-// Build creates the topology without a testing.TB (the demo uses it).
+// Build creates the topology (the demo, the live benchmark and the kernel
+// tests use it).
 // On error everything created so far is removed.
 func Build(prefix string) (_ *Topology, err error) {
-	var made []*NS
+	var made []*netns.NS
 	defer func() {
 		if err != nil {
 			for _, n := range made {
@@ -58,8 +60,8 @@ func Build(prefix string) (_ *Topology, err error) {
 			}
 		}
 	}()
-	mk := func(role string) (*NS, error) {
-		n, err := Create(prefix + "-" + role)
+	mk := func(role string) (*netns.NS, error) {
+		n, err := netns.Create(prefix + "-" + role)
 		if err == nil {
 			made = append(made, n)
 		}
@@ -76,16 +78,16 @@ func Build(prefix string) (_ *Topology, err error) {
 		return nil, err
 	}
 	p := func(a netip.Addr, bits int) string { return netip.PrefixFrom(a, bits).String() }
-	if err = Veth(top.Pod, "eth0", []string{p(PodAddr4, 24), p(PodAddr6, 64)},
+	if err = netns.Veth(top.Pod, "eth0", []string{p(PodAddr4, 24), p(PodAddr6, 64)},
 		top.Node, "pod0", []string{p(PodGW4, 24), p(PodGW6, 64)}); err != nil {
 		return nil, err
 	}
-	if err = Veth(top.Node, "eth0", []string{p(NodeAddr4, 24), p(NodeAddr6, 64)},
+	if err = netns.Veth(top.Node, "eth0", []string{p(NodeAddr4, 24), p(NodeAddr6, 64)},
 		top.Remote, "eth0", []string{p(RemoteAddr4, 24), p(RemoteAddr6, 64)}); err != nil {
 		return nil, err
 	}
 	steps := []struct {
-		ns   *NS
+		ns   *netns.NS
 		args []string
 	}{
 		{top.Pod, []string{"ip", "route", "add", "default", "via", PodGW4.String()}},
@@ -97,7 +99,7 @@ func Build(prefix string) (_ *Topology, err error) {
 	}
 	for _, d := range Destinations {
 		steps = append(steps, struct {
-			ns   *NS
+			ns   *netns.NS
 			args []string
 		}{top.Remote, []string{"ip", "addr", "add", netip.PrefixFrom(d, d.BitLen()).String(), "dev", "lo", "nodad"}})
 	}
@@ -122,7 +124,7 @@ func Build(prefix string) (_ *Topology, err error) {
 	// may take up to a second); IPv6 routes through a link without carrier
 	// are unusable, so wait for it instead of letting the first flow fail.
 	deadline := time.Now().Add(5 * time.Second)
-	for _, n := range []*NS{top.Pod, top.Node, top.Remote} {
+	for _, n := range []*netns.NS{top.Pod, top.Node, top.Remote} {
 		for {
 			out, err := n.Try("ip", "-o", "link", "show", "up")
 			if err != nil {
@@ -151,20 +153,9 @@ func d4(args []string) bool {
 	return false
 }
 
-// NewTopology builds the topology for t and removes it when t ends.
-func NewTopology(t testing.TB) *Topology {
-	t.Helper()
-	top, err := Build("t")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(top.Close)
-	return top
-}
-
 // Close removes the three namespaces.
 func (top *Topology) Close() {
-	for _, n := range []*NS{top.Pod, top.Node, top.Remote} {
+	for _, n := range []*netns.NS{top.Pod, top.Node, top.Remote} {
 		if n != nil {
 			n.Close()
 		}

@@ -1,4 +1,4 @@
-package netnstest
+package sandbox
 
 import (
 	"context"
@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/nfmasq/nfmasq/internal/netns"
 )
 
 // Seen is one flow as the remote host saw it: which of its addresses was
@@ -32,7 +34,7 @@ type Sink struct {
 }
 
 // StartSink listens on port for UDP and TCP on each address, inside ns.
-func StartSink(ns *NS, addrs []netip.Addr, port uint16) (*Sink, error) {
+func StartSink(ns *netns.NS, addrs []netip.Addr, port uint16) (*Sink, error) {
 	s := &Sink{notify: make(chan struct{}, 1)}
 	err := ns.Do(func() error {
 		for _, a := range addrs {
@@ -141,7 +143,7 @@ func (s *Sink) Close() {
 // SendUDP sends payload from inside ns to dst from a fresh socket (a new
 // flow each call) and waits up to timeout for the echo. It returns the
 // local address used, and whether the echo arrived.
-func SendUDP(ns *NS, dst netip.AddrPort, payload []byte, timeout time.Duration) (netip.AddrPort, bool, error) {
+func SendUDP(ns *netns.NS, dst netip.AddrPort, payload []byte, timeout time.Duration) (netip.AddrPort, bool, error) {
 	var c *net.UDPConn
 	if err := ns.Do(func() (err error) {
 		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
@@ -168,7 +170,7 @@ func SendUDP(ns *NS, dst netip.AddrPort, payload []byte, timeout time.Duration) 
 
 // SendTCP connects from inside ns to dst, writes payload, half-closes and
 // waits for the reply. It returns the local address and connect time.
-func SendTCP(ns *NS, dst netip.AddrPort, payload []byte, timeout time.Duration) (netip.AddrPort, time.Duration, error) {
+func SendTCP(ns *netns.NS, dst netip.AddrPort, payload []byte, timeout time.Duration) (netip.AddrPort, time.Duration, error) {
 	var c *net.TCPConn
 	var took time.Duration
 	if err := ns.Do(func() error {
