@@ -17,6 +17,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 
 	"github.com/nfmasq/nfmasq/internal/conntrack"
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/rules"
 	"github.com/nfmasq/nfmasq/nat"
@@ -214,7 +215,7 @@ func TestCapabilityProbe(t *testing.T) {
 	var logs bytes.Buffer
 	q, err := queue.New(queue.Config{
 		QueueNums: []uint16{150},
-		Marks:     queue.Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000},
+		Marks:     mark.Default,
 		Policy:    func() *nat.Policy { return nil },
 		Logger:    slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})

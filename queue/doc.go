@@ -31,7 +31,7 @@
 // a verdict is ignored and the conntrack flag cannot even be set: the
 // decision travels as the packet mark. The kernel replaces skb->mark with
 // the verdict's mark, so the verdict carries the packet's own mark with
-// only the bits in Marks.Mask replaced.
+// only the bits in Marks.Mask (a mark.Layout) replaced.
 //
 // # Concurrency and ownership
 //

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
@@ -31,39 +32,6 @@ const (
 	DefaultDrainTimeout = 2 * time.Second
 )
 
-// Marks are the packet-mark bits a verdict writes. Only bits inside Mask
-// are changed; the packet's other mark bits (kube-proxy's, Calico's) are
-// kept.
-type Marks struct {
-	// Mask selects the bits nfmasq owns.
-	Mask uint32
-	// Masquerade is the value (inside Mask) for masqueraded flows.
-	Masquerade uint32
-	// Passthrough is the value (inside Mask) for flows that keep the pod
-	// address.
-	Passthrough uint32
-}
-
-// Validate checks that both values are non-zero (zero means "undecided" to
-// the queue rule), distinct, and inside the mask.
-func (m Marks) Validate() error {
-	switch {
-	case m.Mask == 0:
-		return errors.New("mark mask is 0")
-	case m.Masquerade == 0 || m.Passthrough == 0:
-		return fmt.Errorf("masquerade mark %#x and passthrough mark %#x must both be non-zero", m.Masquerade, m.Passthrough)
-	case m.Masquerade&^m.Mask != 0 || m.Passthrough&^m.Mask != 0:
-		return fmt.Errorf("marks %#x/%#x have bits outside the mask %#x", m.Masquerade, m.Passthrough, m.Mask)
-	case m.Masquerade == m.Passthrough:
-		return fmt.Errorf("masquerade and passthrough marks are both %#x", m.Masquerade)
-	}
-	return nil
-}
-
-// apply returns the packet's mark with our bits replaced by v: the kernel
-// sets skb->mark to exactly the NFQA_MARK of the verdict.
-func (m Marks) apply(old, v uint32) uint32 { return old&^m.Mask | v }
-
 // Config configures a Queue. Marks and Policy are required.
 type Config struct {
 	// QueueNums are the NFQUEUE numbers to bind, one socket each (use
@@ -78,7 +46,7 @@ type Config struct {
 	// namespace of the calling thread.
 	NetNS int
 	// Marks are the verdict marks.
-	Marks Marks
+	Marks mark.Layout
 	// Policy returns the policy in force. It is called for every packet,
 	// so it should be an atomic load (a reload swaps the pointer). A nil
 	// policy leaves packets undecided (accepted unmarked).
@@ -427,7 +395,7 @@ type handler struct {
 	send  verdicter
 	c     *counters
 	ev    Event
-	marks Marks
+	marks mark.Layout
 	one   pending
 	batch []pending
 }
@@ -502,7 +470,7 @@ func (h *handler) prepare(in *inbound, pd *pending) {
 	if pd.d.Action == nat.Masquerade {
 		v = h.marks.Masquerade
 	}
-	pd.mark, pd.setMark = h.marks.apply(in.mark, v), true
+	pd.mark, pd.setMark = h.marks.Apply(in.mark, v), true
 }
 
 // answer sends one packet's verdict. If the send panics, the packet is

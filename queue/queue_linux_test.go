@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/sandbox"
@@ -33,7 +34,7 @@ import (
 // connmark, masquerade by connmark), bind the queue in the node namespace
 // and look at what the remote receives.
 
-var kernelMarks = queue.Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000}
+var kernelMarks = mark.Default
 
 const (
 	queue4 = 7 // IPv4 packets go to this queue,

@@ -8,11 +8,12 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 
-var testMarks = Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000}
+var testMarks = mark.Default
 
 func testPolicy(t testing.TB, enableIPv6 bool) *nat.Policy {
 	t.Helper()
@@ -86,7 +87,7 @@ func (o *recordingObserver) Decided(ev *Event) {
 
 func newTestQueue(t testing.TB, cfg Config) *Queue {
 	t.Helper()
-	if cfg.Marks == (Marks{}) {
+	if cfg.Marks == (mark.Layout{}) {
 		cfg.Marks = testMarks
 	}
 	q, err := New(cfg)
@@ -94,28 +95,6 @@ func newTestQueue(t testing.TB, cfg Config) *Queue {
 		t.Fatal(err)
 	}
 	return q
-}
-
-func TestMarksValidate(t *testing.T) {
-	tests := []struct {
-		m       Marks
-		wantErr string
-	}{
-		{testMarks, ""},
-		{Marks{Mask: 0x3000, Masquerade: 0x1000}, "non-zero"},
-		{Marks{Masquerade: 1, Passthrough: 2}, "mask is 0"},
-		{Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x4000}, "outside the mask"},
-		{Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x1000}, "both"},
-	}
-	for _, tt := range tests {
-		err := tt.m.Validate()
-		switch {
-		case tt.wantErr == "" && err != nil:
-			t.Errorf("%+v: unexpected error %v", tt.m, err)
-		case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
-			t.Errorf("%+v: error %v, want one containing %q", tt.m, err, tt.wantErr)
-		}
-	}
 }
 
 func TestNewValidates(t *testing.T) {
@@ -126,7 +105,7 @@ func TestNewValidates(t *testing.T) {
 		want string
 	}{
 		{"no policy", Config{Marks: testMarks}, "no Policy"},
-		{"bad marks", Config{Policy: pol}, "mask is 0"},
+		{"bad marks", Config{Policy: pol}, "fewer than 2 bits"},
 		{"negative workers", Config{Marks: testMarks, Policy: pol, Workers: -1}, "workers"},
 		{"duplicate queue", Config{Marks: testMarks, Policy: pol, QueueNums: []uint16{3, 3}}, "twice"},
 	}

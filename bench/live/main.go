@@ -17,7 +17,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/internal/mark"
 )
 
 func init() {
@@ -60,7 +60,7 @@ type options struct {
 	tmp          string
 	pdeathsig    bool
 	keepTmp      bool
-	marks        rules.Marks // the agent's, from --mark-mask in agentArgs
+	marks        mark.Layout // the agent's, from --mark-mask in agentArgs
 	flowLogOff   bool        // agentArgs turn the flow log off: no decision records to count
 }
 
@@ -179,13 +179,13 @@ the markdown report from one.
 	return o, nil
 }
 
-// agentMarks returns the marks the agent will use: rules.DefaultMarks, or
+// agentMarks returns the marks the agent will use: mark.Default, or
 // those of a --mark-mask among its flags.
-func agentMarks(args []string) (rules.Marks, error) {
+func agentMarks(args []string) (mark.Layout, error) {
 	if v, ok := flagValue(args, "--mark-mask"); ok {
-		return rules.ParseMarkMask(v)
+		return mark.Parse(v)
 	}
-	return rules.DefaultMarks, nil
+	return mark.Default, nil
 }
 
 // flagValue returns the last value given to the long flag name in args

@@ -5,7 +5,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/internal/mark"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -33,7 +33,7 @@ func TestParseFlags(t *testing.T) {
 		{"agent mark mask with =", []string{"-agent-args", "--mark-mask=0x600"}, func(o options) bool { return o.marks.Fallback == 0x600 }, false},
 		{"flow log off", []string{"-agent-args", "--flow-log=file:/x --flow-log off"}, func(o options) bool { return o.flowLogOff }, false},
 		{"flow log on", []string{"-agent-args", "--flow-log off --flow-log=file:/x"}, func(o options) bool { return !o.flowLogOff }, false},
-		{"default marks", nil, func(o options) bool { return o.marks == rules.DefaultMarks }, false},
+		{"default marks", nil, func(o options) bool { return o.marks == mark.Default }, false},
 		{"bad agent mark mask", []string{"-agent-args", "--mark-mask 0x1"}, nil, true},
 		{"one dataplane", []string{"-dataplanes", "ipset"}, func(o options) bool { return slices.Equal(o.dataplanes, []string{IPSet}) }, false},
 		{"unknown dataplane", []string{"-dataplanes", "nft"}, nil, true},

@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/rules"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
@@ -214,7 +215,7 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		QueueNums: a.queueNums,
 		Workers:   f.workers,
 		BusyPoll:  f.busyPoll,
-		Marks: queue.Marks{
+		Marks: mark.Layout{
 			Mask:        baseCfg.Mark.Mask,
 			Masquerade:  baseCfg.Mark.Masquerade,
 			Passthrough: baseCfg.Mark.Passthrough,

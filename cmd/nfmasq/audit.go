@@ -12,7 +12,7 @@ import (
 
 	"github.com/nfmasq/nfmasq/internal/conntrack"
 	"github.com/nfmasq/nfmasq/internal/flowlog"
-	"github.com/nfmasq/nfmasq/internal/rules"
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
 )
@@ -46,7 +46,7 @@ type audit struct {
 	a       *agent
 	log     *flowlog.Logger
 	ct      *conntrack.Listener
-	marks   conntrack.MarkLayout
+	marks   mark.Layout
 	pods    podLookup
 	wg      sync.WaitGroup
 	skipped prometheus.Counter
@@ -81,14 +81,14 @@ func newAudit(ctx context.Context, a *agent, f *auditFlags, pods podLookup) (*au
 	// config: that needs a policy, and a stand-in one without IPv6 fails
 	// on dual-stack nodes, leaving a zero layout that calls every flow
 	// undecided (no end or fallback record at all).
-	m, err := rules.ParseMarkMask(a.flags.dataplane.markMask)
+	m, err := mark.Parse(a.flags.dataplane.markMask)
 	if err != nil {
 		lg.Close()
 		return nil, fmt.Errorf("--mark-mask: %w", err)
 	}
 	au := &audit{
 		a: a, log: lg,
-		marks: conntrack.MarkLayout{Mask: m.Mask, Masquerade: m.Masquerade, Passthrough: m.Passthrough, Fallback: m.Fallback},
+		marks: mark.Layout{Mask: m.Mask, Masquerade: m.Masquerade, Passthrough: m.Passthrough, Fallback: m.Fallback},
 		pods:  pods,
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "nfmasq_conntrack_flows_ignored_total",
@@ -178,9 +178,9 @@ func (au *audit) consumeConntrack() {
 			rec.Xlate = f.Translated()
 		}
 		switch au.marks.Classify(f.Mark) {
-		case conntrack.AgentMasquerade, conntrack.AgentPassthrough:
+		case mark.AgentMasquerade, mark.AgentPassthrough:
 			rec.Kind = flowlog.KindEnd
-		case conntrack.KernelFallback:
+		case mark.KernelFallback:
 			rec.Kind = flowlog.KindFallback
 			rec.Source = "kernel-fallback"
 			if pol := au.a.policy.Load(); pol != nil {

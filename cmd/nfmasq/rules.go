@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/rules"
 	"github.com/nfmasq/nfmasq/nat"
 )
@@ -31,7 +32,7 @@ type dataplaneFlags struct {
 func (d *dataplaneFlags) register(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&d.podCIDRs, "pod-cidr", nil,
 		"pod CIDR of this node, IPv4 or IPv6 (repeatable or comma-separated); only traffic from these ranges is queued or masqueraded")
-	fs.StringVar(&d.markMask, "mark-mask", fmt.Sprintf("%#x", rules.DefaultMarkMask),
+	fs.StringVar(&d.markMask, "mark-mask", fmt.Sprintf("%#x", mark.DefaultMask),
 		"packet/connection mark bits nfmasq owns (at least 2 bits, clear of kube-proxy's 0xc000 and Calico's 0xffff0000): lowest bit = masquerade, next = passthrough, both = decided by the kernel fallback")
 	fs.Uint16Var(&d.queueNum, "queue-num", rules.DefaultQueueNum, "NFQUEUE number (the first one with --queues > 1)")
 	fs.Uint16Var(&d.queues, "queues", 1, "number of NFQUEUE queues; more than 1 balances flows over queue-num … queue-num+queues-1")
@@ -44,7 +45,7 @@ func (d *dataplaneFlags) register(fs *pflag.FlagSet) {
 
 // rulesConfig combines the flags with the policy's non-masquerade sets.
 func (d *dataplaneFlags) rulesConfig(pol *nat.Policy) (rules.Config, error) {
-	marks, err := rules.ParseMarkMask(d.markMask)
+	marks, err := mark.Parse(d.markMask)
 	if err != nil {
 		return rules.Config{}, fmt.Errorf("--mark-mask: %w", err)
 	}

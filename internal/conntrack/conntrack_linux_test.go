@@ -14,6 +14,7 @@ import (
 	"github.com/mdlayher/netlink"
 	ct "github.com/ti-mo/conntrack"
 
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/netns"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/sandbox"
@@ -112,14 +113,14 @@ func TestFlowEnd(t *testing.T) {
 		addr    netip.Addr
 		mark    uint32
 		masq    bool
-		decider Decider
+		decider mark.Decider
 	}
 	dests := []dest{
-		{sandbox.Internet4, DefaultMarks.Masquerade, true, AgentMasquerade},
-		{sandbox.Internal4, DefaultMarks.Passthrough, false, AgentPassthrough},
-		{sandbox.CGNAT4, DefaultMarks.Fallback, true, KernelFallback},
-		{sandbox.Internet6, DefaultMarks.Masquerade, true, AgentMasquerade},
-		{sandbox.Internal6, DefaultMarks.Passthrough, false, AgentPassthrough},
+		{sandbox.Internet4, mark.Default.Masquerade, true, mark.AgentMasquerade},
+		{sandbox.Internal4, mark.Default.Passthrough, false, mark.AgentPassthrough},
+		{sandbox.CGNAT4, mark.Default.Fallback, true, mark.KernelFallback},
+		{sandbox.Internet6, mark.Default.Masquerade, true, mark.AgentMasquerade},
+		{sandbox.Internal6, mark.Default.Passthrough, false, mark.AgentPassthrough},
 	}
 	// Stand-ins for the agent's rules: a connmark per destination, kernel
 	// MASQUERADE, and one counting rule per flow and direction.
@@ -133,7 +134,7 @@ func TestFlowEnd(t *testing.T) {
 			if d.addr.Is4() != fam.v4 {
 				continue
 			}
-			fmt.Fprintf(&mangle, "-A FORWARD -s %s -d %s -j CONNMARK --set-xmark %#x/%#x\n", fam.pod, d.addr, d.mark, DefaultMarks.Mask)
+			fmt.Fprintf(&mangle, "-A FORWARD -s %s -d %s -j CONNMARK --set-xmark %#x/%#x\n", fam.pod, d.addr, d.mark, mark.Default.Mask)
 			if d.masq {
 				fmt.Fprintf(&nat, "-A POSTROUTING -s %s -d %s -j MASQUERADE\n", fam.pod, d.addr)
 			}
@@ -249,7 +250,7 @@ func TestFlowEnd(t *testing.T) {
 		if f.Masqueraded() != s.dest.masq {
 			t.Errorf("%s: Masqueraded() = %v, want %v", name, f.Masqueraded(), s.dest.masq)
 		}
-		if got := DefaultMarks.Classify(f.Mark); got != s.dest.decider {
+		if got := mark.Default.Classify(f.Mark); got != s.dest.decider {
 			t.Errorf("%s: mark %#x classified %v, want %v", name, f.Mark, got, s.dest.decider)
 		}
 		if f.ID == 0 || f.Start.Before(start.Add(-time.Second)) || f.Stop.Before(f.Start) || f.Duration(time.Now()) <= 0 {
@@ -307,9 +308,9 @@ func TestFlowCreatedBeforeListening(t *testing.T) {
 				}
 			}
 			early, late := sandbox.Internet4, sandbox.Internal4
-			createUDP(t, ns.FD(), early, 1000, 1, DefaultMarks.Fallback)
+			createUDP(t, ns.FD(), early, 1000, 1, mark.Default.Fallback)
 			l := listen(t, Config{NetNS: ns.FD()})
-			createUDP(t, ns.FD(), late, 2000, 1, DefaultMarks.Masquerade)
+			createUDP(t, ns.FD(), late, 2000, 1, mark.Default.Masquerade)
 			// Delete the early flow first: events arrive in order, so the
 			// first event tells whether the early flow had one.
 			for _, d := range []netip.Addr{early, late} {
@@ -322,8 +323,8 @@ func TestFlowCreatedBeforeListening(t *testing.T) {
 			switch {
 			case tt.enable && !gotEarly:
 				t.Errorf("with nf_conntrack_events=1 the flow created before listening had no destroy event; first event: %v", first.Flow)
-			case tt.enable && DefaultMarks.Classify(first.Flow.Mark) != KernelFallback:
-				t.Errorf("early flow classified %v", DefaultMarks.Classify(first.Flow.Mark))
+			case tt.enable && mark.Default.Classify(first.Flow.Mark) != mark.KernelFallback:
+				t.Errorf("early flow classified %v", mark.Default.Classify(first.Flow.Mark))
 			case !tt.enable:
 				t.Logf("nf_conntrack_events=2: flow created before listening had a destroy event: %v", gotEarly)
 			}
@@ -421,17 +422,17 @@ func TestReliable(t *testing.T) {
 func TestDeleteStale(t *testing.T) {
 	netnstest.Require(t)
 	ns := netnstest.New(t, "ctdel")
-	createUDP(t, ns.FD(), sandbox.Internet4, 1000, 2, DefaultMarks.Masquerade)
-	createUDP(t, ns.FD(), sandbox.Internal4, 1000, 1, DefaultMarks.Passthrough)
-	createUDP(t, ns.FD(), sandbox.Internet6, 1000, 1, DefaultMarks.Masquerade)
+	createUDP(t, ns.FD(), sandbox.Internet4, 1000, 2, mark.Default.Masquerade)
+	createUDP(t, ns.FD(), sandbox.Internal4, 1000, 1, mark.Default.Passthrough)
+	createUDP(t, ns.FD(), sandbox.Internet6, 1000, 1, mark.Default.Masquerade)
 	c, err := ct.Dial(&netlink.Config{NetNS: ns.FD()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	tcp := ct.NewFlow(6, 0, sandbox.PodAddr4, sandbox.Internet4, 40000, 443, 120, DefaultMarks.Masquerade)
+	tcp := ct.NewFlow(6, 0, sandbox.PodAddr4, sandbox.Internet4, 40000, 443, 120, mark.Default.Masquerade)
 	tcp.ProtoInfo.TCP = &ct.ProtoInfoTCP{State: 3}
-	icmp := ct.NewFlow(1, 0, sandbox.PodAddr4, sandbox.Internet4, 0, 0, 30, DefaultMarks.Masquerade)
+	icmp := ct.NewFlow(1, 0, sandbox.PodAddr4, sandbox.Internet4, 0, 0, 30, mark.Default.Masquerade)
 	icmp.TupleOrig.Proto.ICMPType, icmp.TupleOrig.Proto.ICMPID = 8, 77
 	icmp.TupleReply.Proto.ICMPType, icmp.TupleReply.Proto.ICMPID = 0, 77
 	for _, f := range []ct.Flow{tcp, icmp} {

@@ -7,7 +7,7 @@
 //
 // Flow is this package's own copy of a conntrack entry, in the terms the
 // flow log needs (netip addresses, counters, start time, connmark); it does
-// not expose github.com/ti-mo/conntrack types. MarkLayout.Classify reads
+// not expose github.com/ti-mo/conntrack types. mark.Layout.Classify reads
 // who decided a flow from its connmark, and Flow.Masqueraded reads from the
 // tuples whether the source was actually replaced.
 //

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nfmasq/nfmasq/internal/cputime"
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/nl"
 	"github.com/nfmasq/nfmasq/internal/sandbox"
@@ -85,7 +86,7 @@ func TestKernelEvents(t *testing.T) {
 		pod, internet netip.Addr
 	}{{"iptables-restore", sandbox.PodAddr4, sandbox.Internet4}, {"ip6tables-restore", sandbox.PodAddr6, sandbox.Internet6}} {
 		restore(t, top.Node, fam.cmd, fmt.Sprintf("*mangle\n-A FORWARD -s %s -j CONNMARK --set-xmark %#x/%#x\nCOMMIT\n*nat\n-A POSTROUTING -s %s -d %s -j MASQUERADE\nCOMMIT\n",
-			fam.pod, DefaultMarks.Masquerade, DefaultMarks.Mask, fam.pod, fam.internet))
+			fam.pod, mark.Default.Masquerade, mark.Default.Mask, fam.pod, fam.internet))
 	}
 	if _, err := EnableAccounting(top.Node.FD()); err != nil {
 		t.Fatal(err)
@@ -111,7 +112,7 @@ func TestKernelEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	icmp := ct.NewFlow(1, 0, sandbox.PodAddr4, sandbox.Internet4, 0, 0, 30, DefaultMarks.Fallback)
+	icmp := ct.NewFlow(1, 0, sandbox.PodAddr4, sandbox.Internet4, 0, 0, 30, mark.Default.Fallback)
 	icmp.TupleOrig.Proto.ICMPType, icmp.TupleOrig.Proto.ICMPID = 8, 77
 	icmp.TupleReply.Proto.ICMPType, icmp.TupleReply.Proto.ICMPID = 0, 77
 	icmp6 := ct.NewFlow(58, 0, sandbox.PodAddr6, sandbox.Internet6, 0, 0, 30, 0)

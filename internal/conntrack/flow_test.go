@@ -6,57 +6,6 @@ import (
 	"time"
 )
 
-func TestClassify(t *testing.T) {
-	custom := MarkLayout{Mask: 0x30000, Masquerade: 0x10000, Passthrough: 0x20000, Fallback: 0x30000}
-	tests := []struct {
-		layout MarkLayout
-		mark   uint32
-		want   Decider
-	}{
-		{DefaultMarks, 0, Undecided},
-		{DefaultMarks, 0x4000, Undecided}, // kube-proxy's bit only
-		{DefaultMarks, 0x1000, AgentMasquerade},
-		{DefaultMarks, 0xffff1000, AgentMasquerade}, // Calico's bits do not matter
-		{DefaultMarks, 0x2000, AgentPassthrough},
-		{DefaultMarks, 0x3000, KernelFallback},
-		{DefaultMarks, 0x7000, KernelFallback},
-		{custom, 0x1000, Undecided},
-		{custom, 0x20000, AgentPassthrough},
-		{MarkLayout{Mask: 0x7000, Masquerade: 0x1000, Passthrough: 0x2000, Fallback: 0x3000}, 0x4000, UnknownMark},
-	}
-	for _, tt := range tests {
-		if got := tt.layout.Classify(tt.mark); got != tt.want {
-			t.Errorf("%+v.Classify(%#x) = %v, want %v", tt.layout, tt.mark, got, tt.want)
-		}
-	}
-	if !AgentMasquerade.ByAgent() || !AgentPassthrough.ByAgent() || KernelFallback.ByAgent() || Undecided.ByAgent() {
-		t.Error("ByAgent is wrong")
-	}
-	for d := range UnknownMark + 1 {
-		if d.String() == "" {
-			t.Errorf("Decider %d has no name", d)
-		}
-	}
-}
-
-func TestMarkLayoutValidate(t *testing.T) {
-	tests := []struct {
-		layout MarkLayout
-		ok     bool
-	}{
-		{DefaultMarks, true},
-		{MarkLayout{Mask: 0x30000, Masquerade: 0x10000, Passthrough: 0x20000, Fallback: 0x30000}, true},
-		{MarkLayout{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x1000, Fallback: 0x3000}, false},
-		{MarkLayout{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000, Fallback: 0}, false},
-		{MarkLayout{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000, Fallback: 0x4000}, false},
-	}
-	for _, tt := range tests {
-		if err := tt.layout.Validate(); (err == nil) != tt.ok {
-			t.Errorf("%+v.Validate() = %v, want ok=%v", tt.layout, err, tt.ok)
-		}
-	}
-}
-
 func TestFlowTranslation(t *testing.T) {
 	ap := netip.MustParseAddrPort
 	tests := []struct {

@@ -53,7 +53,7 @@ func TestDefaultPolicy(t *testing.T) {
 
 	// deploy/examples/default-policy.yaml documents what the controller
 	// generates; it must say exactly that.
-	data, err := os.ReadFile(filepath.Join("..", "..", "..", "deploy", "examples", "default-policy.yaml"))
+	data, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "default-policy.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}

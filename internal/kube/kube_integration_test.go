@@ -44,7 +44,7 @@ import (
 )
 
 const (
-	deployDir         = "../../../deploy"
+	deployDir         = "../../deploy"
 	testFieldManager  = "nfmasq-integration-test"
 	controllerAccount = "system:serviceaccount:kube-system:nfmasq-egress-controller"
 	agentAccount      = "system:serviceaccount:kube-system:nfmasq-agent"

@@ -3,10 +3,11 @@ package rules
 import (
 	"errors"
 	"fmt"
-	"math/bits"
 	"net/netip"
 	"strconv"
 	"strings"
+
+	"github.com/nfmasq/nfmasq/internal/mark"
 )
 
 // Family is an IP address family. Each family has its own tables, tools
@@ -30,85 +31,6 @@ func (f Family) String() string {
 
 func (f Family) holds(p netip.Prefix) bool { return p.Addr().Is6() == (f == IPv6) }
 
-// Marks are the packet and connection mark values that carry a flow's
-// decision. Each value is compared under Mask only, so the other bits of
-// the mark stay free for kube-proxy, Calico and the rest.
-type Marks struct {
-	// Mask selects the bits nfmasq owns.
-	Mask uint32
-	// Masquerade is the agent's "masquerade" verdict.
-	Masquerade uint32
-	// Passthrough is the agent's "keep the pod address" verdict.
-	Passthrough uint32
-	// Fallback records that the kernel fallback chain decided the flow,
-	// so that later packets skip the queue and conntrack shows who
-	// decided.
-	Fallback uint32
-}
-
-// DefaultMarkMask is the default --mark-mask. It avoids kube-proxy's
-// 0x4000 (masquerade) and 0x8000 (drop) and Calico's 0xffff0000.
-const DefaultMarkMask = 0x3000
-
-// reservedMarkBits are mark bits other node agents are known to own.
-const (
-	kubeProxyMarkBits = 0x4000 | 0x8000
-	calicoMarkBits    = 0xffff0000
-)
-
-// DefaultMarks are the marks derived from DefaultMarkMask.
-var DefaultMarks = Marks{Mask: 0x3000, Masquerade: 0x1000, Passthrough: 0x2000, Fallback: 0x3000}
-
-// MarksFromMask derives the marks from a mask: Masquerade is its lowest set
-// bit, Passthrough the next one and Fallback both. The mask must have at
-// least two bits and stay clear of kube-proxy's and Calico's bits.
-func MarksFromMask(mask uint32) (Marks, error) {
-	if bits.OnesCount32(mask) < 2 {
-		return Marks{}, fmt.Errorf("mark mask %#x has fewer than 2 bits set: nfmasq needs one bit for masquerade and one for passthrough", mask)
-	}
-	if mask&kubeProxyMarkBits != 0 {
-		return Marks{}, fmt.Errorf("mark mask %#x overlaps kube-proxy's mark bits %#x", mask, mask&kubeProxyMarkBits)
-	}
-	if mask&calicoMarkBits != 0 {
-		return Marks{}, fmt.Errorf("mark mask %#x overlaps Calico's mark bits %#x", mask, mask&calicoMarkBits)
-	}
-	masq := mask & -mask
-	rest := mask &^ masq
-	pass := rest & -rest
-	return Marks{Mask: mask, Masquerade: masq, Passthrough: pass, Fallback: masq | pass}, nil
-}
-
-// ParseMarkMask parses a --mark-mask value (hexadecimal with 0x, octal
-// with 0, or decimal) and derives the marks as MarksFromMask does.
-func ParseMarkMask(s string) (Marks, error) {
-	v, err := strconv.ParseUint(strings.TrimSpace(s), 0, 32)
-	if err != nil {
-		return Marks{}, fmt.Errorf("mark mask %q: %w", s, err)
-	}
-	return MarksFromMask(uint32(v))
-}
-
-func (m Marks) validate() error {
-	if bits.OnesCount32(m.Mask) < 2 {
-		return fmt.Errorf("mark mask %#x has fewer than 2 bits set", m.Mask)
-	}
-	vals := []struct {
-		name string
-		v    uint32
-	}{{"masquerade", m.Masquerade}, {"passthrough", m.Passthrough}, {"fallback", m.Fallback}}
-	for i, a := range vals {
-		if a.v == 0 || a.v&^m.Mask != 0 {
-			return fmt.Errorf("%s mark %#x must be non-zero and inside the mask %#x", a.name, a.v, m.Mask)
-		}
-		for _, b := range vals[:i] {
-			if a.v == b.v {
-				return fmt.Errorf("%s and %s marks are both %#x", b.name, a.name, a.v)
-			}
-		}
-	}
-	return nil
-}
-
 // Defaults for the fields of a Config. DefaultQueueNum avoids 100,
 // kube-network-policies' default queue: two agents cannot bind one queue.
 const (
@@ -131,8 +53,8 @@ type Config struct {
 	// EnableIPv6 installs the ip6tables half. Without it, IPv6 pod CIDRs
 	// are an error and any IPv6 rules left by an earlier run are removed.
 	EnableIPv6 bool
-	// Mark holds the mark values, usually from ParseMarkMask.
-	Mark Marks
+	// Mark holds the mark values, usually from mark.Parse.
+	Mark mark.Layout
 	// QueueNum is the first NFQUEUE number; Queues > 1 balances flows
 	// over QueueNum … QueueNum+Queues-1.
 	QueueNum uint16
@@ -160,7 +82,7 @@ type Config struct {
 // DefaultConfig returns a Config with every default set and no prefixes.
 func DefaultConfig() Config {
 	return Config{
-		Mark:           DefaultMarks,
+		Mark:           mark.Default,
 		QueueNum:       DefaultQueueNum,
 		Queues:         1,
 		RandomFully:    true,
@@ -195,7 +117,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.QueueEnabled {
-		if err := c.Mark.validate(); err != nil {
+		if err := c.Mark.Validate(); err != nil {
 			return err
 		}
 		if c.Queues == 0 {

@@ -3,44 +3,9 @@ package rules
 import (
 	"strings"
 	"testing"
-)
 
-func TestParseMarkMask(t *testing.T) {
-	tests := []struct {
-		in      string
-		want    Marks
-		wantErr string
-	}{
-		{in: "0x3000", want: DefaultMarks},
-		{in: "12288", want: DefaultMarks},
-		{in: "0x3", want: Marks{Mask: 3, Masquerade: 1, Passthrough: 2, Fallback: 3}},
-		{in: "0x1100", want: Marks{Mask: 0x1100, Masquerade: 0x100, Passthrough: 0x1000, Fallback: 0x1100}},
-		{in: "0x700", want: Marks{Mask: 0x700, Masquerade: 0x100, Passthrough: 0x200, Fallback: 0x300}},
-		{in: "0x1000", wantErr: "fewer than 2 bits"},
-		{in: "0", wantErr: "fewer than 2 bits"},
-		{in: "0x6000", wantErr: "kube-proxy"},
-		{in: "0x8001", wantErr: "kube-proxy"},
-		{in: "0x30000", wantErr: "Calico"},
-		{in: "0x80000001", wantErr: "Calico"},
-		{in: "mask", wantErr: "invalid syntax"},
-		{in: "0x100000000", wantErr: "out of range"},
-	}
-	for _, tt := range tests {
-		got, err := ParseMarkMask(tt.in)
-		if tt.wantErr != "" {
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Errorf("ParseMarkMask(%q) error = %v, want one mentioning %q", tt.in, err, tt.wantErr)
-			}
-			continue
-		}
-		if err != nil || got != tt.want {
-			t.Errorf("ParseMarkMask(%q) = %+v, %v; want %+v", tt.in, got, err, tt.want)
-		}
-	}
-	if m, err := MarksFromMask(DefaultMarkMask); err != nil || m != DefaultMarks {
-		t.Errorf("MarksFromMask(DefaultMarkMask) = %+v, %v; want DefaultMarks", m, err)
-	}
-}
+	"github.com/nfmasq/nfmasq/internal/mark"
+)
 
 func TestValidate(t *testing.T) {
 	tests := []struct {
@@ -55,11 +20,11 @@ func TestValidate(t *testing.T) {
 		{"IPv6 in the IPv4 list", func(c *Config) { c.NonMasquerade4 = prefixes(t, "fd00::/8") }, "in the IPv4 list"},
 		{"4in6", func(c *Config) { c.EnableIPv6 = true; c.NonMasquerade6 = prefixes(t, "::ffff:10.0.0.0/104") }, "plain"},
 		{"one-bit mask", func(c *Config) {
-			c.Mark = Marks{Mask: 0x1000, Masquerade: 0x1000, Passthrough: 0x1000, Fallback: 0x1000}
+			c.Mark = mark.Layout{Mask: 0x1000, Masquerade: 0x1000, Passthrough: 0x1000, Fallback: 0x1000}
 		}, "fewer than 2 bits"},
 		{"same marks", func(c *Config) { c.Mark.Passthrough = c.Mark.Masquerade }, "both"},
 		{"mark outside mask", func(c *Config) { c.Mark.Fallback = 0x10 }, "inside the mask"},
-		{"marks unused in kernel-only", func(c *Config) { c.Mark = Marks{}; c.QueueEnabled = false }, ""},
+		{"marks unused in kernel-only", func(c *Config) { c.Mark = mark.Layout{}; c.QueueEnabled = false }, ""},
 		{"zero queues", func(c *Config) { c.Queues = 0 }, "at least 1"},
 		{"queues past 65535", func(c *Config) { c.QueueNum, c.Queues = 65535, 2 }, "past 65535"},
 		{"single port", func(c *Config) { c.ToPorts = "40000" }, ""},
