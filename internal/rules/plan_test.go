@@ -24,7 +24,7 @@ COMMIT
 `
 
 // apply runs a restore payload on the fake as another process would.
-func (f *fakeNode) apply(t testing.TB, fam Family, payload string) {
+func (f *Fake) apply(t testing.TB, fam Family, payload string) {
 	t.Helper()
 	if _, err := f.Run(context.Background(), []byte(payload), BackendNFT.tool(fam, "restore"), "-w", "--noflush"); err != nil {
 		t.Fatal(err)
@@ -32,7 +32,7 @@ func (f *fakeNode) apply(t testing.TB, fam Family, payload string) {
 }
 
 // dump returns everything the fake holds, for whole-node comparisons.
-func (f *fakeNode) dump(t testing.TB) string {
+func (f *Fake) dump(t testing.TB) string {
 	t.Helper()
 	var b strings.Builder
 	for _, fam := range []Family{IPv4, IPv6} {
@@ -51,8 +51,8 @@ func (f *fakeNode) dump(t testing.TB) string {
 	return b.String()
 }
 
-func newFakeInstaller(t testing.TB) (*fakeNode, *Installer) {
-	f := newFakeNode()
+func newFakeInstaller(t testing.TB) (*Fake, *Installer) {
+	f := NewFake()
 	for _, fam := range []Family{IPv4, IPv6} {
 		f.apply(t, fam, foreignRules)
 		// Materialise the tables an install reads, so that "pristine"
@@ -213,10 +213,10 @@ func TestUninstall(t *testing.T) {
 	ctx := context.Background()
 	tests := []struct {
 		name  string
-		setup func(t *testing.T, f *fakeNode, in *Installer)
+		setup func(t *testing.T, f *Fake, in *Installer)
 	}{
-		{"nothing installed", func(*testing.T, *fakeNode, *Installer) {}},
-		{"full dual-stack with ipsets", func(t *testing.T, f *fakeNode, in *Installer) {
+		{"nothing installed", func(*testing.T, *Fake, *Installer) {}},
+		{"full dual-stack with ipsets", func(t *testing.T, f *Fake, in *Installer) {
 			cfg := testConfig(t)
 			dualStack(t, &cfg)
 			cfg.IPSetThreshold = 1
@@ -224,16 +224,16 @@ func TestUninstall(t *testing.T) {
 				t.Fatal(err)
 			}
 		}},
-		{"duplicate jumps", func(t *testing.T, f *fakeNode, in *Installer) {
+		{"duplicate jumps", func(t *testing.T, f *Fake, in *Installer) {
 			if err := in.Install(ctx, testConfig(t)); err != nil {
 				t.Fatal(err)
 			}
 			f.apply(t, IPv4, "*nat\n-A POSTROUTING -j NFMASQ-POSTROUTING\n-I POSTROUTING 1 -j NFMASQ-POSTROUTING\nCOMMIT\n")
 		}},
-		{"chains without jumps", func(t *testing.T, f *fakeNode, in *Installer) {
+		{"chains without jumps", func(t *testing.T, f *Fake, in *Installer) {
 			f.apply(t, IPv4, "*nat\n:NFMASQ-FALLBACK - [0:0]\n:NFMASQ-MASQUERADE - [0:0]\n-A NFMASQ-FALLBACK -j NFMASQ-MASQUERADE\nCOMMIT\n")
 		}},
-		{"leftover sets", func(t *testing.T, f *fakeNode, in *Installer) {
+		{"leftover sets", func(t *testing.T, f *Fake, in *Installer) {
 			if _, err := f.Run(ctx, []byte("create nfmasq-nomasq-v4-tmp hash:net family inet\ncreate nfmasq-nomasq-v6 hash:net family inet6\n"), "ipset", "restore"); err != nil {
 				t.Fatal(err)
 			}
@@ -289,13 +289,13 @@ func TestCheckDetectsSetChanges(t *testing.T) {
 	cfg.IPSetThreshold = 1
 	for _, tt := range []struct {
 		name   string
-		mutate func(f *fakeNode)
+		mutate func(f *Fake)
 	}{
-		{"entry removed", func(f *fakeNode) { f.sets[SetName(IPv4)].entries = f.sets[SetName(IPv4)].entries[1:] }},
-		{"entry added", func(f *fakeNode) {
+		{"entry removed", func(f *Fake) { f.sets[SetName(IPv4)].entries = f.sets[SetName(IPv4)].entries[1:] }},
+		{"entry added", func(f *Fake) {
 			f.sets[SetName(IPv4)].entries = append(f.sets[SetName(IPv4)].entries, "1.2.3.4/32")
 		}},
-		{"set emptied", func(f *fakeNode) { f.sets[SetName(IPv4)].entries = nil }},
+		{"set emptied", func(f *Fake) { f.sets[SetName(IPv4)].entries = nil }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f, in := newFakeInstaller(t)
@@ -323,7 +323,7 @@ func TestVerifyMessages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFakeNode()
+	f := NewFake()
 	f.apply(t, IPv4, string(clean))
 	save := func() string {
 		out, _ := f.Run(context.Background(), nil, BackendNFT.tool(IPv4, "save"))
@@ -430,14 +430,14 @@ func TestPlanUninstallNothing(t *testing.T) {
 }
 
 func TestRestoreErrorQuotesLine(t *testing.T) {
-	f := newFakeNode()
+	f := NewFake()
 	in := &Installer{Runner: f, Backend: BackendNFT}
 	err := in.restore(context.Background(), IPv4, []byte("*nat\n-A NOWHERE -j RETURN\nCOMMIT\n"))
 	if err == nil || !strings.Contains(err.Error(), "(line 2: -A NOWHERE -j RETURN)") {
 		t.Errorf("restore error = %v, want it to quote line 2", err)
 	}
-	if !slices.Contains(f.calls, "iptables-nft-restore -w --noflush") {
-		t.Errorf("calls = %q", f.calls)
+	if !slices.Contains(f.Calls(), "iptables-nft-restore -w --noflush") {
+		t.Errorf("calls = %q", f.Calls())
 	}
 }
 

@@ -13,16 +13,20 @@ import (
 	"sync"
 )
 
-// fakeNode is an in-memory model of a node's iptables (both backends, both
-// families) and ipsets, reached through the Runner interface. It enforces
-// what the kernel enforces and the plan relies on: a jump needs its chain,
-// -D needs an exact match, -X needs an empty, unreferenced chain, a set in
-// use cannot be destroyed, and a restore commits per table or not at all.
-type fakeNode struct {
+// Fake is an in-memory model of a node's iptables (both backends, both
+// families) and ipsets, reached through the Runner interface, for tests
+// that need no root (after knftables' Fake). It enforces what the kernel
+// enforces and the plan relies on: a jump needs its chain, -D needs an
+// exact match, -X needs an empty, unreferenced chain, a set in use cannot
+// be destroyed, and a restore commits per table or not at all. Another
+// process's edits are restores run through Run; Dump prints the whole
+// node. A Fake is safe for concurrent use.
+type Fake struct {
 	mu     sync.Mutex
 	tables map[string]map[string]*fakeTable // "nft/4" → table name → table
 	sets   map[string]*fakeSet
 	calls  []string
+	fail   func(cmd string) error
 }
 
 type fakeTable struct {
@@ -42,18 +46,27 @@ var builtins = map[string][]string{
 	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
 }
 
-func newFakeNode() *fakeNode {
-	return &fakeNode{tables: map[string]map[string]*fakeTable{}, sets: map[string]*fakeSet{}}
+// NewFake returns a node with no rules and no sets.
+func NewFake() *Fake {
+	return &Fake{tables: map[string]map[string]*fakeTable{}, sets: map[string]*fakeSet{}}
 }
 
 var fakeTool = regexp.MustCompile(`^(ip6?tables)-(nft|legacy)-(save|restore)$`)
 
-func (f *fakeNode) Run(ctx context.Context, stdin []byte, name string, args ...string) ([]byte, error) {
+// Run implements Runner: it runs one iptables-save/restore (either
+// backend, either family) or ipset command against the model.
+func (f *Fake) Run(ctx context.Context, stdin []byte, name string, args ...string) ([]byte, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.calls = append(f.calls, strings.Join(append([]string{name}, args...), " "))
+	cmd := strings.Join(append([]string{name}, args...), " ")
+	f.calls = append(f.calls, cmd)
 	fail := func(format string, a ...any) ([]byte, error) {
 		return nil, &CommandError{Args: append([]string{name}, args...), Stderr: fmt.Sprintf(format, a...), Err: errors.New("exit status 1")}
+	}
+	if f.fail != nil {
+		if err := f.fail(cmd); err != nil {
+			return fail("%v", err)
+		}
 	}
 	if name == "ipset" {
 		return f.ipset(stdin, args, fail)
@@ -91,6 +104,44 @@ func (f *fakeNode) Run(ctx context.Context, stdin []byte, name string, args ...s
 	return nil, nil
 }
 
+// FailWith makes every later command for which fail returns an error
+// fail with it, before it changes anything (nil: no failures). The
+// command is the tool and its arguments joined by spaces.
+func (f *Fake) FailWith(fail func(cmd string) error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fail = fail
+}
+
+// Calls returns the commands run so far, tool and arguments joined by
+// spaces.
+func (f *Fake) Calls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.calls)
+}
+
+// Dump prints every table of every backend and family the node has, in
+// iptables-save's format under a "## BACKEND/FAMILY" heading, then every
+// ipset as ipset save prints it: a whole node to compare with a golden.
+func (f *Fake) Dump() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var b strings.Builder
+	for _, key := range slices.Sorted(maps.Keys(f.tables)) {
+		fmt.Fprintf(&b, "## %s\n", key)
+		b.WriteString(f.save(f.tables[key], ""))
+	}
+	for _, name := range slices.Sorted(maps.Keys(f.sets)) {
+		s := f.sets[name]
+		fmt.Fprintf(&b, "create %s %s\n", name, s.kind)
+		for _, e := range s.entries {
+			fmt.Fprintf(&b, "add %s %s\n", name, e)
+		}
+	}
+	return b.String()
+}
+
 func newFakeTable(name string) *fakeTable {
 	t := &fakeTable{name: name, chains: map[string][]string{}}
 	for _, c := range builtins[name] {
@@ -109,7 +160,7 @@ func (t *fakeTable) clone() *fakeTable {
 
 // save prints tables the way iptables-save does: built-in chains in
 // kernel order, then custom chains sorted, rules grouped the same way.
-func (f *fakeNode) save(tables map[string]*fakeTable, only string) string {
+func (f *Fake) save(tables map[string]*fakeTable, only string) string {
 	var b strings.Builder
 	for _, name := range slices.Sorted(maps.Keys(tables)) {
 		if only != "" && name != only {
@@ -135,7 +186,7 @@ func (f *fakeNode) save(tables map[string]*fakeTable, only string) string {
 	return b.String()
 }
 
-func (f *fakeNode) restore(tables map[string]*fakeTable, payload string) error {
+func (f *Fake) restore(tables map[string]*fakeTable, payload string) error {
 	var cur *fakeTable
 	for i, line := range strings.Split(payload, "\n") {
 		if err := f.restoreLine(tables, &cur, line); err != nil {
@@ -148,7 +199,7 @@ func (f *fakeNode) restore(tables map[string]*fakeTable, payload string) error {
 	return nil
 }
 
-func (f *fakeNode) restoreLine(tables map[string]*fakeTable, cur **fakeTable, line string) error {
+func (f *Fake) restoreLine(tables map[string]*fakeTable, cur **fakeTable, line string) error {
 	t := *cur
 	switch {
 	case line == "" || strings.HasPrefix(line, "#"):
@@ -248,7 +299,7 @@ func matchSet(spec string) string {
 	return ""
 }
 
-func (f *fakeNode) setReferenced(name string) bool {
+func (f *Fake) setReferenced(name string) bool {
 	for _, tables := range f.tables {
 		for _, t := range tables {
 			for _, rs := range t.chains {
@@ -263,7 +314,7 @@ func (f *fakeNode) setReferenced(name string) bool {
 	return false
 }
 
-func (f *fakeNode) ipset(stdin []byte, args []string, fail func(string, ...any) ([]byte, error)) ([]byte, error) {
+func (f *Fake) ipset(stdin []byte, args []string, fail func(string, ...any) ([]byte, error)) ([]byte, error) {
 	switch {
 	case slices.Equal(args, []string{"list", "-n"}):
 		var b strings.Builder
@@ -304,7 +355,7 @@ func (f *fakeNode) ipset(stdin []byte, args []string, fail func(string, ...any) 
 	return fail("unexpected ipset arguments %q", args)
 }
 
-func (f *fakeNode) ipsetCommand(w []string) error {
+func (f *Fake) ipsetCommand(w []string) error {
 	need := func(name string) (*fakeSet, error) {
 		if s := f.sets[name]; s != nil {
 			return s, nil
