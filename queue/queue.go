@@ -141,6 +141,10 @@ type Event struct {
 	// Decision is the policy's decision; the zero Decision unless
 	// Outcome is Decided.
 	Decision nat.Decision
+	// Policy is the policy that made Decision (nil when none was asked).
+	// A reload may put another in force before the observer runs: this
+	// is the one that decided.
+	Policy *nat.Policy
 	// Mark is the packet mark the verdict set; meaningful only when
 	// Outcome is Decided (an unmarked verdict leaves the mark alone).
 	Mark uint32
@@ -405,6 +409,7 @@ type handler struct {
 type pending struct {
 	p       packet.Parsed
 	d       nat.Decision
+	pol     *nat.Policy // the policy that decided; nil before decide asks one
 	outcome Outcome
 	mark    uint32 // the packet's mark after the verdict
 	setMark bool
@@ -461,7 +466,7 @@ func (h *handler) prepare(in *inbound, pd *pending) {
 		}
 	}()
 	h.c.packets.Add(1)
-	pd.outcome, pd.d = h.decide(in, &pd.p)
+	pd.outcome, pd.d, pd.pol = h.decide(in, &pd.p)
 	if pd.outcome != Decided {
 		pd.mark, pd.setMark = in.mark, false
 		return
@@ -536,17 +541,19 @@ func (h *handler) complete(in *inbound, pd *pending, err error, done time.Durati
 		ev.Packet = pd.p
 		ev.Outcome = pd.outcome
 		ev.Decision = pd.d
+		ev.Policy = pd.pol
 		ev.Mark = pd.mark
 		ev.VerdictErr = err
 		obs.Decided(ev)
 	}
 }
 
-// decide decodes the packet into p and asks the current policy.
-func (h *handler) decide(in *inbound, p *packet.Parsed) (Outcome, nat.Decision) {
+// decide decodes the packet into p and asks the current policy, which it
+// returns with the decision so the observer names the policy that decided.
+func (h *handler) decide(in *inbound, p *packet.Parsed) (Outcome, nat.Decision, *nat.Policy) {
 	if !in.hasPayload {
 		*p = packet.Parsed{Status: packet.NotIP}
-		return NoPayload, nat.Decision{}
+		return NoPayload, nat.Decision{}, nil
 	}
 	switch in.hwProto {
 	case 0x0800:
@@ -557,17 +564,17 @@ func (h *handler) decide(in *inbound, p *packet.Parsed) (Outcome, nat.Decision) 
 		p.Decode(in.payload)
 	}
 	if !p.Status.Valid() {
-		return Malformed, nat.Decision{}
+		return Malformed, nat.Decision{}, nil
 	}
 	pol := h.q.cfg.Policy()
 	if pol == nil {
-		return NoPolicy, nat.Decision{}
+		return NoPolicy, nat.Decision{}, nil
 	}
 	d := pol.Decide(p.Dst)
 	if d.Action != nat.Masquerade && d.Action != nat.Passthrough {
-		return UnknownAction, d
+		return UnknownAction, d, pol
 	}
-	return Decided, d
+	return Decided, d, pol
 }
 
 // panicked counts and logs (rate-limited) a recovered panic.

@@ -7,8 +7,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() { rootCmd.AddCommand(newConfigCmd()) }
-
 func newConfigCmd() *cobra.Command {
 	var pf policyFlags
 	cmd := &cobra.Command{

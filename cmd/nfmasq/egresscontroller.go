@@ -84,8 +84,6 @@ restart, so that NAT never changes because a pod was rescheduled.`,
 	return cmd
 }
 
-func init() { rootCmd.AddCommand(newEgressControllerCmd()) }
-
 // options checks the flags and turns them into the controller's options;
 // every error is a startup error (exit 2, nothing done).
 func (f *egressControllerFlags) options() (kube.EgressOptions, error) {

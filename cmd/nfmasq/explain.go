@@ -7,8 +7,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func init() { rootCmd.AddCommand(newExplainCmd()) }
-
 // explainLine is one line of explain's output. The field order and names
 // are part of the interface.
 type explainLine struct {

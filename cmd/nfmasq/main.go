@@ -9,34 +9,47 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
-	"sync"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 )
 
-// rootCmd is the nfmasq command. Each subcommand's file adds itself in its
-// own init() (rootCmd.AddCommand(newXCmd())), so adding a subcommand touches
-// no other file.
-var rootCmd = &cobra.Command{
-	Use:   "nfmasq",
-	Short: "Per-flow IP masquerade for Kubernetes pods, compatible with ip-masq-agent",
-	Long: `nfmasq replaces ip-masq-agent: the first packet of each pod flow is decided
+// newRootCmd builds the nfmasq command tree afresh, so that each run
+// parses its flags into new variables, as a new process would.
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "nfmasq",
+		Short: "Per-flow IP masquerade for Kubernetes pods, compatible with ip-masq-agent",
+		Long: `nfmasq replaces ip-masq-agent: the first packet of each pod flow is decided
 in user space (masquerade or keep the pod address), with ip-masq-agent's
 config file and GKE's semantics, and the kernel applies the decision.`,
-	SilenceErrors:     true,
-	SilenceUsage:      true,
-	CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
-	// A Run of its own makes an unknown subcommand a usage error here
-	// rather than inside cobra's command lookup, where it is a plain error.
-	Args: cobra.ArbitraryArgs,
-	RunE: func(cmd *cobra.Command, args []string) error {
-		if len(args) > 0 {
-			return &usageError{fmt.Errorf("unknown command %q", args[0])}
-		}
-		return cmd.Help()
-	},
+		SilenceErrors:     true,
+		SilenceUsage:      true,
+		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
+		// A Run of its own makes an unknown subcommand a usage error here
+		// rather than inside cobra's command lookup, where it is a plain error.
+		Args: cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return &usageError{fmt.Errorf("unknown command %q", args[0])}
+			}
+			return cmd.Help()
+		},
+	}
+	root.AddCommand(
+		newAgentCmd(),
+		newConfigCmd(),
+		newDemoCmd(),
+		newEgressControllerCmd(),
+		newExplainCmd(),
+		newNodePrepCmd(),
+		newPcapgenCmd(),
+		newReplayCmd(),
+		newRulesCmd(),
+		newUninstallCmd(),
+		newVersionCmd(),
+	)
+	usageErrors(root)
+	return root
 }
 
 // usageError is a mistake in how nfmasq was invoked: an unknown command or
@@ -62,8 +75,6 @@ func usageErrors(cmd *cobra.Command) {
 		usageErrors(c)
 	}
 }
-
-var wrapUsageErrors sync.Once
 
 // exitError carries a command's exit status to run. err, when not nil, is
 // printed on stderr; a nil err means the command already said what went
@@ -93,15 +104,13 @@ const (
 )
 
 // run executes nfmasq with args and returns the exit status. Tests call it
-// in-process (one call at a time: the command tree is shared); only main
-// calls os.Exit.
+// in-process; only main calls os.Exit.
 func run(args []string, stdout, stderr io.Writer) int {
-	wrapUsageErrors.Do(func() { usageErrors(rootCmd) })
-	resetFlags(rootCmd)
-	rootCmd.SetArgs(args)
-	rootCmd.SetOut(stdout)
-	rootCmd.SetErr(stderr)
-	err := rootCmd.ExecuteContext(context.Background())
+	root := newRootCmd()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(context.Background())
 	if err == nil {
 		return exitOK
 	}
@@ -119,29 +128,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	default:
 		fmt.Fprintf(stderr, "nfmasq: %v\n", err)
 		return exitFailure
-	}
-}
-
-// resetFlags puts every flag of cmd and its subcommands back to its
-// default, so that each run starts as a fresh process would, whatever an
-// earlier run in the same process parsed.
-func resetFlags(cmd *cobra.Command) {
-	reset := func(f *pflag.Flag) {
-		if sv, ok := f.Value.(pflag.SliceValue); ok {
-			var def []string
-			if d := strings.Trim(f.DefValue, "[]"); d != "" {
-				def = strings.Split(d, ",")
-			}
-			_ = sv.Replace(def) // only fails on values a default already had
-		} else {
-			_ = f.Value.Set(f.DefValue)
-		}
-		f.Changed = false
-	}
-	cmd.Flags().VisitAll(reset)
-	cmd.PersistentFlags().VisitAll(reset)
-	for _, c := range cmd.Commands() {
-		resetFlags(c)
 	}
 }
 

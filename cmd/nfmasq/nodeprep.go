@@ -55,5 +55,3 @@ then reports that flow-end records lack counters.`,
 		},
 	}
 }
-
-func init() { rootCmd.AddCommand(newNodePrepCmd()) }

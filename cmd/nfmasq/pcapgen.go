@@ -13,8 +13,6 @@ import (
 	"github.com/nfmasq/nfmasq/internal/pcapgen"
 )
 
-func init() { rootCmd.AddCommand(newPcapgenCmd()) }
-
 // pcapgenSummary is what pcapgen prints: the file and what it holds.
 type pcapgenSummary struct {
 	File string `json:"file"`

@@ -11,8 +11,6 @@ import (
 	"github.com/nfmasq/nfmasq/internal/replay"
 )
 
-func init() { rootCmd.AddCommand(newReplayCmd()) }
-
 func newReplayCmd() *cobra.Command {
 	var (
 		pf       policyFlags

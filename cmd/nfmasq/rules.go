@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/nfmasq/nfmasq/internal/agent"
 	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/rules"
 	"github.com/nfmasq/nfmasq/nat"
@@ -43,42 +43,38 @@ func (d *dataplaneFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&d.backend, "iptables-backend", "auto", "iptables backend: auto (detect as kube-proxy's iptables-wrapper does), nft or legacy")
 }
 
-// rulesConfig combines the flags with the policy's non-masquerade sets.
-func (d *dataplaneFlags) rulesConfig(pol *nat.Policy) (rules.Config, error) {
+// dataplane parses the flags. Errors name the flag.
+func (d *dataplaneFlags) dataplane() (agent.Dataplane, error) {
 	marks, err := mark.Parse(d.markMask)
 	if err != nil {
-		return rules.Config{}, fmt.Errorf("--mark-mask: %w", err)
+		return agent.Dataplane{}, fmt.Errorf("--mark-mask: %w", err)
 	}
 	if len(d.podCIDRs) == 0 {
-		return rules.Config{}, errors.New("--pod-cidr is required: only traffic from the node's pod CIDRs is handled")
+		return agent.Dataplane{}, errors.New("--pod-cidr is required: only traffic from the node's pod CIDRs is handled")
 	}
-	cfg := rules.DefaultConfig()
+	dp := agent.Dataplane{
+		Marks:    marks,
+		QueueNum: d.queueNum, Queues: d.queues,
+		RandomFully: d.randomFully, ToPorts: d.toPorts,
+		IPSetThreshold: d.ipsetThreshold,
+	}
 	for _, s := range d.podCIDRs {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
-			return rules.Config{}, fmt.Errorf("--pod-cidr: %w", err)
+			return agent.Dataplane{}, fmt.Errorf("--pod-cidr: %w", err)
 		}
-		if p.Addr().Is6() && !pol.IPv6Enabled() {
-			return rules.Config{}, fmt.Errorf("--pod-cidr %s is IPv6: add --enable-ipv6", p)
-		}
-		cfg.PodCIDRs = append(cfg.PodCIDRs, p)
+		dp.PodCIDRs = append(dp.PodCIDRs, p)
 	}
-	cfg.EnableIPv6 = pol.IPv6Enabled()
-	cfg.NonMasquerade4 = pol.NonMasquerade(false)
-	cfg.NonMasquerade6 = pol.NonMasquerade(true)
-	cfg.Mark = marks
-	cfg.QueueNum, cfg.Queues = d.queueNum, d.queues
-	cfg.RandomFully, cfg.ToPorts = d.randomFully, d.toPorts
-	cfg.IPSetThreshold = d.ipsetThreshold
-	if err := cfg.Validate(); err != nil {
-		return rules.Config{}, err
-	}
-	return cfg, nil
+	return dp, nil
 }
 
-// resolveBackend picks the backend, detecting it for "auto".
-func (d *dataplaneFlags) resolveBackend(ctx context.Context, r rules.Runner) (rules.Detection, error) {
-	return rules.ResolveBackend(ctx, r, d.backend)
+// rulesConfig is the rule set the flags and pol give.
+func (d *dataplaneFlags) rulesConfig(pol *nat.Policy) (rules.Config, error) {
+	dp, err := d.dataplane()
+	if err != nil {
+		return rules.Config{}, err
+	}
+	return dp.RulesConfig(pol)
 }
 
 func newRulesCmd() *cobra.Command {
@@ -124,5 +120,3 @@ func renderRules(pf *policyFlags, df *dataplaneFlags, notices io.Writer) (string
 	}
 	return rules.Render(cfg, b)
 }
-
-func init() { rootCmd.AddCommand(newRulesCmd()) }

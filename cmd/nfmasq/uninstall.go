@@ -65,5 +65,3 @@ rules at the next resync.`,
 	cmd.Flags().BoolVar(&enableIPv6, "enable-ipv6", false, "accepted for symmetry with the agent; both families are always cleaned")
 	return cmd
 }
-
-func init() { rootCmd.AddCommand(newUninstallCmd()) }

@@ -10,8 +10,6 @@ import (
 // version is set at build time: go build -ldflags "-X main.version=v1.2.3".
 var version string
 
-func init() { rootCmd.AddCommand(newVersionCmd()) }
-
 // buildVersion is the release version when the build set one, else the
 // module version go install recorded, else "dev".
 func buildVersion() string {

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"fmt"
@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nfmasq/nfmasq/internal/mark"
 )
 
 // BenchmarkReload100k is the userspace part of the agent's reload of a
@@ -20,15 +22,15 @@ func BenchmarkReload100k(b *testing.B) {
 	if err := os.WriteFile(path, yamlConfig(100_000), 0o644); err != nil {
 		b.Fatal(err)
 	}
-	pf := policyFlags{configPath: path, agent: true, allReservedRanges: true}
-	df := dataplaneFlags{podCIDRs: []string{"10.244.1.0/24"}, markMask: "0x3000", queueNum: 150, queues: 1, toPorts: "32768-65535", ipsetThreshold: 64}
+	src := PolicySource{ConfigPath: path, Agent: true, AllReservedRanges: true}
+	dp := Dataplane{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}, Marks: mark.Default, QueueNum: 150, Queues: 1, ToPorts: "32768-65535", IPSetThreshold: 64}
 	for b.Loop() {
-		pf.last = nil // a changed file: load skips a rebuild of the same bytes
-		pol, _, err := pf.load()
+		src.last = nil // a changed file: Load skips a rebuild of the same bytes
+		pol, _, err := src.Load()
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := df.rulesConfig(pol); err != nil {
+		if _, err := dp.RulesConfig(pol); err != nil {
 			b.Fatal(err)
 		}
 	}

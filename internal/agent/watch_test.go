@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"log/slog"
@@ -10,7 +10,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 )
 
-// load returns the last policy again, without rebuilding it, while the
+// Load returns the last policy again, without rebuilding it, while the
 // config and egress policy files hold the same bytes and the flags are
 // the same; any change in them builds a new one.
 func TestLoadSkipsUnchangedInputs(t *testing.T) {
@@ -24,20 +24,20 @@ func TestLoadSkipsUnchangedInputs(t *testing.T) {
 		}
 	}
 	write(cfg, "nonMasqueradeCIDRs:\n- 10.0.0.0/8\n")
-	f := policyFlags{configPath: cfg, agent: true, allReservedRanges: true}
+	f := PolicySource{ConfigPath: cfg, Agent: true, AllReservedRanges: true}
 	load := func() string {
 		t.Helper()
-		p, _, err := f.load()
+		p, _, err := f.Load()
 		if err != nil {
 			t.Fatal(err)
 		}
 		return p.Hash()
 	}
-	first, _, err := f.load()
+	first, _, err := f.Load()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again, _, _ := f.load(); again != first {
+	if again, _, _ := f.Load(); again != first {
 		t.Error("the same file built a new policy")
 	}
 
@@ -52,13 +52,13 @@ func TestLoadSkipsUnchangedInputs(t *testing.T) {
 		t.Error("restoring the config file did not restore the policy")
 	}
 
-	f.enableIPv6 = true
-	if p, _, _ := f.load(); p == first || p.Hash() == h1 {
+	f.EnableIPv6 = true
+	if p, _, _ := f.Load(); p == first || p.Hash() == h1 {
 		t.Error("a changed flag kept the old policy")
 	}
 
 	write(egress, "apiVersion: networking.gke.io/v1\nkind: EgressNATPolicy\nmetadata:\n  name: default\nspec:\n  action: NoSNAT\n  destinations:\n  - cidr: 10.0.0.0/8\n")
-	f.egressPolicyFiles = []string{egress}
+	f.EgressPolicyFiles = []string{egress}
 	e1 := load()
 	write(egress, "apiVersion: networking.gke.io/v1\nkind: EgressNATPolicy\nmetadata:\n  name: default\nspec:\n  action: NoSNAT\n  destinations:\n  - cidr: 12.0.0.0/8\n")
 	if load() == e1 {
@@ -68,8 +68,8 @@ func TestLoadSkipsUnchangedInputs(t *testing.T) {
 	if err := os.Remove(cfg); err != nil {
 		t.Fatal(err)
 	}
-	f.egressPolicyFiles = nil
-	_, warnings, err := f.load()
+	f.EgressPolicyFiles = nil
+	_, warnings, err := f.Load()
 	if err != nil || len(warnings) == 0 {
 		t.Errorf("missing config file: warnings %q, err %v; want the no-config warning", warnings, err)
 	}

@@ -1,9 +1,6 @@
-package main
+package agent
 
 import (
-	"bufio"
-	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"strconv"
@@ -18,14 +15,10 @@ import (
 	"github.com/nfmasq/nfmasq/queue/packet"
 )
 
-// procQueuePath is where the kernel reports per-queue counters. It is
-// read in the agent's network namespace.
-const procQueuePath = "/proc/net/netfilter/nfnetlink_queue"
-
-// agentMetrics holds what the control loop and the audit path update
+// metrics holds what the control loop and the audit path update
 // directly; everything the queue already counts is read at scrape time,
-// so the hot path pays for no metric.
-type agentMetrics struct {
+// so the hot path updates no metric of its own but the latency histogram.
+type metrics struct {
 	reg            *prometheus.Registry
 	reloadFailures prometheus.Counter
 	installErrors  prometheus.Counter
@@ -33,9 +26,9 @@ type agentMetrics struct {
 	latency        prometheus.Histogram
 }
 
-func newAgentMetrics(a *agent, q *queue.Queue, au *audit) *agentMetrics {
+func newMetrics(a *Agent) *metrics {
 	reg := prometheus.NewRegistry()
-	m := &agentMetrics{
+	m := &metrics{
 		reg: reg,
 		reloadFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "nfmasq_config_reload_failures_total",
@@ -57,14 +50,14 @@ func newAgentMetrics(a *agent, q *queue.Queue, au *audit) *agentMetrics {
 	}
 	reg.MustRegister(m.reloadFailures, m.installErrors, m.rulesRestored, m.latency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		&queueCollector{q: q}, &policyCollector{a: a}, conntrackTableCollector{})
-	if au != nil {
-		reg.MustRegister(au.collector())
-	}
+		policyCollector{a}, conntrackTableCollector{}, auditCollector{a.audit})
 	return m
 }
 
-func (m *agentMetrics) handler() http.Handler {
+// registerQueue adds the queue's counters, once the queue exists.
+func (m *metrics) registerQueue(q *queue.Queue) { m.reg.MustRegister(queueCollector{q}) }
+
+func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
@@ -77,19 +70,19 @@ var (
 	descVerdErr   = prometheus.NewDesc("nfmasq_verdict_errors_total", "Verdicts that could not be sent.", nil, nil)
 	descSkipped   = prometheus.NewDesc("nfmasq_queue_skipped_total", "Packet ids that never reached the agent (socket overflow; with fail-open the kernel fallback decided them).", nil, nil)
 	descNetlink   = prometheus.NewDesc("nfmasq_netlink_errors_total", "Netlink receive errors, by errno.", []string{"errno"}, nil)
-	descProc      = prometheus.NewDesc("nfmasq_nfqueue_kernel", "Kernel counters of each bound queue from "+procQueuePath+".", []string{"queue", "counter"}, nil)
+	descProc      = prometheus.NewDesc("nfmasq_nfqueue_kernel", "Kernel counters of each bound queue from "+queue.ProcStatsPath+".", []string{"queue", "counter"}, nil)
 )
 
 // queueCollector reads the queue's counters and the kernel's at scrape time.
 type queueCollector struct{ q *queue.Queue }
 
-func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c queueCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descPackets, descDecisions, descUndecided, descMalformed, descPanics, descVerdErr, descSkipped, descNetlink, descProc} {
 		ch <- d
 	}
 }
 
-func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+func (c queueCollector) Collect(ch chan<- prometheus.Metric) {
 	s := c.q.Stats()
 	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
@@ -112,14 +105,9 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descNetlink, s.NetlinkENOENT, "ENOENT")
 	counter(descNetlink, s.NetlinkOther, "other")
 
-	f, err := os.Open(procQueuePath)
+	stats, err := c.q.ProcStats()
 	if err != nil {
-		return // no queue bound yet: the file does not exist
-	}
-	defer f.Close()
-	stats, err := queue.ReadProcStats(f)
-	if err != nil {
-		return
+		return // not bound yet
 	}
 	for _, p := range stats {
 		q := strconv.FormatUint(uint64(p.QueueNum), 10)
@@ -140,9 +128,9 @@ var (
 	descReady      = prometheus.NewDesc("nfmasq_ready", "1 when rules are installed and the queue is bound.", nil, nil)
 )
 
-type policyCollector struct{ a *agent }
+type policyCollector struct{ a *Agent }
 
-func (c *policyCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c policyCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descGeneration
 	ch <- descApplied
 	ch <- descPolicy
@@ -150,28 +138,21 @@ func (c *policyCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descReady
 }
 
-func (c *policyCollector) Collect(ch chan<- prometheus.Metric) {
-	ch <- prometheus.MustNewConstMetric(descGeneration, prometheus.GaugeValue, float64(c.a.generation.Load()))
-	ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(c.a.applied.Load()))
-	if p := c.a.policy.Load(); p != nil {
-		ch <- prometheus.MustNewConstMetric(descPolicy, prometheus.GaugeValue, 1, p.Hash())
-		ch <- prometheus.MustNewConstMetric(descPrefixes, prometheus.GaugeValue, float64(p.Len()))
+func (c policyCollector) Collect(ch chan<- prometheus.Metric) {
+	var gen uint64
+	if v := c.a.cur.Load(); v != nil {
+		gen = v.generation
+		ch <- prometheus.MustNewConstMetric(descPolicy, prometheus.GaugeValue, 1, v.policy.Hash())
+		ch <- prometheus.MustNewConstMetric(descPrefixes, prometheus.GaugeValue, float64(v.policy.Len()))
 	}
+	ch <- prometheus.MustNewConstMetric(descGeneration, prometheus.GaugeValue, float64(gen))
+	ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(c.a.applied.Load()))
 	ready := 0.0
 	if c.a.ready.Load() {
 		ready = 1
 	}
 	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
 }
-
-// The conntrack table of the agent's network namespace, read at scrape
-// time. A full table drops new flows before they reach the queue or the
-// fallback chain, so no other counter of the agent would show it.
-const (
-	procConntrackCount = "/proc/sys/net/netfilter/nf_conntrack_count"
-	procConntrackMax   = "/proc/sys/net/netfilter/nf_conntrack_max"
-	procConntrackStat  = "/proc/net/stat/nf_conntrack"
-)
 
 var (
 	descCTEntries = prometheus.NewDesc("nfmasq_conntrack_entries", "Entries in the conntrack table of the agent's network namespace.", nil, nil)
@@ -219,30 +200,4 @@ func (conntrackTableCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descCTDrops, prometheus.CounterValue, float64(v), name)
 		}
 	}
-}
-
-// readConntrackStat sums the per-CPU rows of /proc/net/stat/nf_conntrack
-// (a header of column names, then one row of hexadecimal counters per
-// CPU) by column name.
-func readConntrackStat(r io.Reader) (map[string]uint64, error) {
-	sc := bufio.NewScanner(r)
-	if !sc.Scan() {
-		return nil, fmt.Errorf("conntrack stat: no header: %w", sc.Err())
-	}
-	names := strings.Fields(sc.Text())
-	sums := make(map[string]uint64, len(names))
-	for sc.Scan() {
-		row := strings.Fields(sc.Text())
-		if len(row) != len(names) {
-			return nil, fmt.Errorf("conntrack stat: row of %d fields under a header of %d", len(row), len(names))
-		}
-		for i, field := range row {
-			v, err := strconv.ParseUint(field, 16, 64)
-			if err != nil {
-				return nil, fmt.Errorf("conntrack stat %s: %w", names[i], err)
-			}
-			sums[names[i]] += v
-		}
-	}
-	return sums, sc.Err()
 }
