@@ -3,6 +3,7 @@
 package queue_test
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -13,12 +14,15 @@ import (
 	"testing"
 	"time"
 
+	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/nfmasq/nfmasq/internal/cputime"
 	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/netnstest"
 	"github.com/nfmasq/nfmasq/internal/sandbox"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/nfmasq/nfmasq/queue"
+	"github.com/nfmasq/nfmasq/queue/packet"
 )
 
 // latencyObserver keeps the decision latency of every packet, and wakes
@@ -372,3 +376,128 @@ func benchQueue(b *testing.B, top *sandbox.Topology, cfg queue.Config) (*queue.Q
 	b.Cleanup(func() { rs.Close() })
 	return q, rs
 }
+
+// BenchmarkKernelNewFlowsLoop runs new UDP flows through the kernel queue
+// twice in one run: answered by this package's receive loop and by
+// go-nfqueue's own (Register, a hook that decodes the packet, asks the
+// policy and sends SetVerdictWithMark), with the same sender, policy and
+// windows of 256 unanswered packets. It keeps measurable why the queue
+// reads the socket itself. Run with an explicit count, e.g.
+// -benchtime=20000x: every flow leaves a conntrack entry for 30 s.
+func BenchmarkKernelNewFlowsLoop(b *testing.B) {
+	b.Run("loop=nfmasq", func(b *testing.B) { benchLoop(b, false) })
+	b.Run("loop=go-nfqueue", func(b *testing.B) { benchLoop(b, true) })
+}
+
+func benchLoop(b *testing.B, library bool) {
+	netnstest.Require(b, "iptables-restore")
+	top := netnstest.NewTopology(b)
+	restore(b, top.Node, "iptables-restore", rulesFor(sandbox.PodCIDR4, queue4))
+	pol, err := nat.Compile(nat.Input{Config: nat.DefaultConfig(false)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var answered atomic.Int64
+	var target atomic.Int64
+	reached := make(chan struct{}, 1)
+	count := func() {
+		if answered.Add(1) == target.Load() {
+			reached <- struct{}{}
+		}
+	}
+
+	if library {
+		nfq, err := nfqueue.Open(&nfqueue.Config{NfQueue: queue4, MaxPacketLen: queue.DefaultCopyRange, MaxQueueLen: queue.DefaultMaxQueueLen,
+			Copymode: nfqueue.NfQnlCopyPacket, AfFamily: 2, NetNS: top.Node.FD()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer nfq.Close()
+		if err := nfq.Con.SetReadBuffer(queue.DefaultReadBuffer); err != nil {
+			b.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var p packet.Parsed
+		hook := func(a nfqueue.Attribute) int {
+			if a.PacketID == nil || a.Payload == nil {
+				return 0
+			}
+			m := 0
+			if p.Decode(*a.Payload); p.Status.Valid() {
+				m = int(kernelMarksFor(pol.Decide(p.Dst).Action))
+			}
+			if err := nfq.SetVerdictWithMark(*a.PacketID, nfqueue.NfAccept, m); err != nil {
+				b.Error(err)
+			}
+			count()
+			return 0
+		}
+		if err := nfq.RegisterWithErrorFunc(ctx, hook, func(error) int { return 0 }); err != nil {
+			b.Fatal(err)
+		}
+	} else {
+		q, err := queue.New(queue.Config{QueueNums: []uint16{queue4}, NetNS: top.Node.FD(), Marks: mark.Default,
+			Policy: func() *nat.Policy { return pol }, Observer: observerFunc(func(*queue.Event) { count() })})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- q.Run(ctx) }()
+		defer func() { cancel(); <-done }()
+		select {
+		case <-q.Ready():
+		case err := <-done:
+			b.Fatal(err)
+		}
+	}
+
+	rs, err := newRawSender(top)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rs.Close()
+	// Distinct (source address, source port) pairs: every packet is the
+	// first of its flow.
+	pkts := make([][]byte, b.N)
+	for i := range pkts {
+		src := netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + i/50000)})
+		d := netnstest.UDPDatagram(netip.AddrPortFrom(src, uint16(10000+i%50000)), netip.AddrPortFrom(sandbox.Internet4, 9), []byte("bench"))
+		pkts[i] = append(netnstest.IPv4Header(17, len(d), 5, 0, src, sandbox.Internet4), d...)
+	}
+	const window = 256
+	cpu0 := cputime.Process()
+	b.ResetTimer()
+	start := time.Now()
+	for sent := 0; sent < len(pkts); {
+		n := min(window, len(pkts)-sent)
+		target.Store(int64(sent + n))
+		if err := rs.send(pkts[sent : sent+n]...); err != nil {
+			b.Fatal(err)
+		}
+		sent += n
+		select {
+		case <-reached:
+		case <-time.After(10 * time.Second):
+			b.Fatalf("only %d of %d packets answered", answered.Load(), sent)
+		}
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	cpu := cputime.Process() - cpu0
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "flows/s")
+	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N)/1000, "cpu-µs/flow")
+}
+
+// kernelMarksFor is the verdict mark of an action in the default layout.
+func kernelMarksFor(a nat.Action) uint32 {
+	if a == nat.Masquerade {
+		return mark.Default.Masquerade
+	}
+	return mark.Default.Passthrough
+}
+
+type observerFunc func(*queue.Event)
+
+func (f observerFunc) Decided(ev *queue.Event) { f(ev) }
