@@ -406,7 +406,8 @@ func (b *binding) loop() {
 }
 
 // idle waits for the next datagrams: first by polling for up to the
-// busy-poll window, then by sleeping in the runtime's poller.
+// busy-poll window, then by blocking in the socket read (its receive
+// timeout lets a stop be seen).
 func (b *binding) idle() (int, error) {
 	if w := b.poll.window; w > 0 {
 		deadline := b.q.now() + w

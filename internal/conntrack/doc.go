@@ -11,25 +11,10 @@
 // who decided a flow from its connmark, and Flow.Masqueraded reads from the
 // tuples whether the source was actually replaced.
 //
-// # Reading events
-//
-// The Listener joins the conntrack destroy group (and the new group with
-// Config.New) on a NETLINK_NETFILTER socket that mdlayher/netlink opens
-// and configures, then reads it itself: up to 64 datagrams per recvmmsg
-// into fixed 2 KiB slots (the largest event seen is 316 bytes: an IPv6
-// TCP flow with counters, timestamps and TCP state), and decodes each
-// ctnetlink message in place into an Event, allocating nothing. Every
-// flow ends in one destroy event, so this reader runs at the rate flows
-// end; reading through mdlayher's Receive and ti-mo/conntrack's decoder
-// cost as much CPU as the whole NFQUEUE decision path, plus garbage
-// collection of its 41 to 47 allocations per event. Measured on a 2-core
-// VM (medians of alternating runs): decoding a masqueraded flow's destroy
-// event takes 107 ns instead of 1,300 ns over IPv4 UDP, 111 instead of
-// 1,560 over IPv6 TCP, with no allocation (BenchmarkDecode); reading a
-// flush of 20,000 entries costs the process 1.4 µs of CPU per event
-// instead of 6.4 µs (BenchmarkKernelDestroy), about what reading the
-// datagrams alone costs. The decoder is fuzzed against ti-mo/conntrack,
-// which stays the reference in tests and is still used by DeleteStale.
+// The Listener reads its socket itself (recvmmsg into fixed slots, events
+// decoded in place without allocating); the decoder is fuzzed against
+// ti-mo/conntrack, which DeleteStale still uses. docs/performance.md has
+// the numbers.
 //
 // # Concurrency and ownership
 //

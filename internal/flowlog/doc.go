@@ -13,12 +13,9 @@
 // the buffer is full, sampled out or over the per-second ceiling. The
 // buffer is a byte slice appended to under a mutex; the writer swaps it for
 // an empty one once per batch, so a producer pays one short lock and the
-// encoding per record, and the writer one lock per batch. Encoding in the
-// producer spares a copy of the Record that the writer, on another CPU,
-// would read back: BenchmarkKernelNewFlowsLogged, the dataplane with a
-// file flow log, 4.8 -> 4.6 CPU-µs per flow (records copied to the writer
-// then) and 241k -> 259k flows/s. Nothing of a Record is retained after Log
-// returns.
+// encoding per record, and the writer one lock per batch
+// (docs/performance.md says what that saves). Nothing of a Record is
+// retained after Log returns.
 // A single writer goroutine owned by the Logger writes the encoded records
 // to the sink in batches, and writes a gap record as soon as the sink
 // accepts writes again after any loss.
