@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -37,23 +36,8 @@ rules at the next resync.`,
 			if b == "" {
 				backends = []rules.Backend{rules.BackendNFT, rules.BackendLegacy}
 			}
-			// Two passes: an ipset still referenced by the other
-			// backend's rules can only be destroyed once those are gone.
-			var errs []error
-			for pass := 0; pass < 2; pass++ {
-				errs = errs[:0]
-				for _, b := range backends {
-					in := &rules.Installer{Runner: commandRunner, Backend: b}
-					if err := in.Uninstall(cmd.Context()); err != nil {
-						errs = append(errs, fmt.Errorf("%s backend: %w", b, err))
-					}
-				}
-				if len(errs) == 0 {
-					break
-				}
-			}
-			if len(errs) > 0 {
-				return &exitError{code: exitFailure, err: errors.Join(errs...)}
+			if err := rules.UninstallBackends(cmd.Context(), commandRunner, backends); err != nil {
+				return &exitError{code: exitFailure, err: err}
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "nfmasq: removed every nfmasq jump, chain and ipset (backends: %v; IPv4 and IPv6)\n", backends)
 			return nil

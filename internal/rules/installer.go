@@ -129,6 +129,26 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// UninstallBackends runs Uninstall for each backend. It makes two passes
+// when the first fails: an ipset still referenced by another backend's
+// rules can only be destroyed once those are gone.
+func UninstallBackends(ctx context.Context, r Runner, backends []Backend) error {
+	var errs []error
+	for pass := 0; pass < 2; pass++ {
+		errs = errs[:0]
+		for _, b := range backends {
+			in := &Installer{Runner: r, Backend: b}
+			if err := in.Uninstall(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("%s backend: %w", b, err))
+			}
+		}
+		if len(errs) == 0 {
+			return nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func (in *Installer) uninstallFamily(ctx context.Context, fam Family) error {
 	// A full save, not -t: with legacy, naming a table creates it.
 	save, err := in.save(ctx, fam)
