@@ -174,6 +174,10 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
 	defer stop()
+	var deps agent.Deps
+	if idx := kube.StartPodIndex(ctx, client, os.Getenv("NODE_NAME"), log); idx != nil {
+		deps.Pods = idx
+	}
 	a, err := agent.New(agent.Config{
 		Source:       f.policy.source(),
 		Dataplane:    dp,
@@ -182,11 +186,10 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		BusyPoll:     f.busyPoll,
 		ReconcileTCP: f.reconcileTCP,
 		FlowLog:      flowLog,
+		PodWait:      f.flowLog.podWait,
 		Metrics:      metricsLn,
 		Logger:       log,
-	}, agent.Deps{
-		Pods: kube.StartPodIndex(ctx, client, os.Getenv("NODE_NAME"), log),
-	})
+	}, deps)
 	if err == nil {
 		err = a.Run(ctx)
 	}
@@ -205,6 +208,7 @@ type flowLogFlags struct {
 	maxMB    int
 	maxFiles int
 	buffer   int
+	podWait  time.Duration
 }
 
 func (f *flowLogFlags) register(fs *pflag.FlagSet) {
@@ -215,6 +219,8 @@ func (f *flowLogFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.maxMB, "flow-log-max-size", flowlog.DefaultMaxFileMB, "size in MB at which a file flow log rotates")
 	fs.IntVar(&f.maxFiles, "flow-log-max-files", flowlog.DefaultMaxFiles, "rotated flow log files kept")
 	fs.IntVar(&f.buffer, "flow-log-buffer", flowlog.DefaultBuffer, "records that may wait for a slow sink before records are dropped (and a gap record written)")
+	fs.DurationVar(&f.podWait, "flow-log-pod-wait", 2*time.Second,
+		"longest a decision record waits for its pod's name when kubelet has not published the new pod's address yet (0: write it unnamed at once); the verdict never waits")
 }
 
 // options checks the flags and returns the flow log's options.
@@ -230,6 +236,9 @@ func (f *flowLogFlags) options() (flowlog.Options, error) {
 		if n.v < 0 {
 			return flowlog.Options{}, fmt.Errorf("%s %d: must not be negative", n.flag, n.v)
 		}
+	}
+	if f.podWait < 0 || f.podWait > time.Minute {
+		return flowlog.Options{}, fmt.Errorf("--flow-log-pod-wait %v: must be between 0 and 1m", f.podWait)
 	}
 	node := f.node
 	if node == "" {

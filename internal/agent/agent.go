@@ -41,6 +41,12 @@ type Config struct {
 	ReconcileTCP bool
 	// FlowLog configures the audit trail (Sink, Node, sampling, rotation).
 	FlowLog flowlog.Options
+	// PodWait is how long a decision record whose source no pod is known
+	// for yet waits for the pod's name: kubelet publishes a new pod's
+	// address after its containers start, so its first flows would
+	// otherwise be unnamed. The record keeps the decision's time; the
+	// verdict never waits. 0 writes such records at once.
+	PodWait time.Duration
 	// Metrics, when not nil, serves /metrics, /healthz and /readyz. The
 	// caller binds it before anything touches the kernel, so a bad
 	// address stops the start early.
@@ -72,9 +78,16 @@ type Deps struct {
 	Conntrack Conntrack
 	// Clock times the resyncs: nil is the wall clock.
 	Clock clock.Clock
-	// Pods names the pod of an address as "namespace/name" for flow
-	// records; nil names none.
-	Pods func(netip.Addr) string
+	// Pods names the pods of this node for flow records; nil names none.
+	Pods PodNames
+}
+
+// PodNames names the pods of this node by address (kube.PodIndex).
+type PodNames interface {
+	// Lookup returns "namespace/name" of the pod with address a, or "".
+	Lookup(a netip.Addr) string
+	// Changed returns a channel closed at the next change of the names.
+	Changed() <-chan struct{}
 }
 
 // StartupError is an error of the agent's configuration found before it
@@ -114,7 +127,7 @@ type Agent struct {
 	rules   RuleSet
 	ct      Conntrack
 	clock   clock.Clock
-	pods    func(netip.Addr) string
+	pods    PodNames
 	metrics *metrics
 	audit   *audit
 
@@ -141,6 +154,14 @@ type Agent struct {
 	ctFull      bool   // a full conntrack table reported and not yet cleared
 }
 
+// podName is the name of the pod with address a, "" when unknown.
+func (a *Agent) podName(addr netip.Addr) string {
+	if a.pods == nil {
+		return ""
+	}
+	return a.pods.Lookup(addr)
+}
+
 // New checks cfg and opens the flow log. It changes nothing in the
 // kernel; Run does.
 func New(cfg Config, deps Deps) (*Agent, error) {
@@ -156,9 +177,6 @@ func New(cfg Config, deps Deps) (*Agent, error) {
 	}
 	if a.ct == nil {
 		a.ct = kernelConntrack{}
-	}
-	if a.pods == nil {
-		a.pods = func(netip.Addr) string { return "" }
 	}
 	au, err := newAudit(a)
 	if err != nil {

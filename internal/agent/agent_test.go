@@ -16,6 +16,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/nfmasq/nfmasq/internal/netnstest"
 
 	"github.com/nfmasq/nfmasq/internal/conntrack"
 	"github.com/nfmasq/nfmasq/internal/flowlog"
@@ -75,11 +78,50 @@ type harness struct {
 	ct     *fakeConntrack
 	config string
 	log    *syncBuffer
+	pods   *fakePods
+	clock  *clocktesting.FakeClock
+}
+
+// fakePods is a pod index: names by address, and a channel closed at
+// every change.
+type fakePods struct {
+	mu      sync.Mutex
+	names   map[netip.Addr]string
+	changed chan struct{}
+}
+
+func newFakePods() *fakePods {
+	return &fakePods{names: map[netip.Addr]string{}, changed: make(chan struct{})}
+}
+
+func (p *fakePods) Lookup(a netip.Addr) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.names[a]
+}
+
+func (p *fakePods) Changed() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.changed
+}
+
+func (p *fakePods) set(addr, name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.names[netip.MustParseAddr(addr)] = name
+	close(p.changed)
+	p.changed = make(chan struct{})
 }
 
 func newHarness(t *testing.T, config string, edit func(*Config)) *harness {
+	return newHarnessWithPods(t, config, edit, nil)
+}
+
+func newHarnessWithPods(t *testing.T, config string, edit func(*Config), pods *fakePods) *harness {
 	t.Helper()
-	h := &harness{t: t, rules: rules.NewFake(), ct: &fakeConntrack{}, config: filepath.Join(t.TempDir(), "ip-masq-agent"), log: &syncBuffer{}}
+	h := &harness{t: t, rules: rules.NewFake(), ct: &fakeConntrack{}, config: filepath.Join(t.TempDir(), "ip-masq-agent"), log: &syncBuffer{},
+		pods: pods, clock: clocktesting.NewFakeClock(time.Unix(1700000000, 0))}
 	if config != "" {
 		h.write(config)
 	}
@@ -92,7 +134,11 @@ func newHarness(t *testing.T, config string, edit func(*Config)) *harness {
 	if edit != nil {
 		edit(&cfg)
 	}
-	a, err := New(cfg, Deps{Rules: &rules.Installer{Runner: h.rules, Backend: rules.BackendNFT}, Conntrack: h.ct})
+	deps := Deps{Rules: &rules.Installer{Runner: h.rules, Backend: rules.BackendNFT}, Conntrack: h.ct}
+	if h.pods != nil {
+		deps.Pods, deps.Clock = h.pods, h.clock
+	}
+	a, err := New(cfg, deps)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -454,5 +500,77 @@ func TestFallbackRecordNamesInstalledPolicy(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(h.a.audit.skipped); got != 1 {
 		t.Errorf("%v undecided flows counted, want 1", got)
+	}
+}
+
+// A decision record of a pod kubelet has not published yet waits for the
+// pod's name (keeping the decision's time), up to PodWait; the rest are
+// written at once.
+func TestDecisionRecordWaitsForPodName(t *testing.T) {
+	const wait = 2 * time.Second
+	tests := []struct {
+		name    string
+		known   bool // the pod is named before the decision
+		namedAt time.Duration
+		want    string
+		outcome string
+	}{
+		{"named before the decision: written at once", true, 0, "ns/web", ""},
+		{"named while waiting", false, wait / 2, "ns/web", "named"},
+		{"never named: written unnamed after the wait", false, -1, "", "timeout"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pods := newFakePods()
+			if tt.known {
+				pods.set("10.244.0.2", "ns/web")
+			}
+			h := newHarnessWithPods(t, config10, func(c *Config) { c.PodWait = wait }, pods)
+			h.reload("start")
+			ev := decisionEvent(h.a.Policy(), "8.8.8.8")
+			h.a.audit.Decided(ev)
+			outcome := func(o string) float64 { return testutil.ToFloat64(h.a.audit.podWait.WithLabelValues(o)) }
+			if tt.outcome != "" {
+				netnstest.Poll(t, 5*time.Second, time.Millisecond, "the record waiting", h.clock.HasWaiters)
+				switch {
+				case tt.namedAt >= 0:
+					h.clock.Step(tt.namedAt)
+					pods.set("10.244.0.2", "ns/web")
+				default:
+					h.clock.Step(wait / 2)
+					if outcome("timeout") != 0 {
+						t.Fatal("written before the wait was over")
+					}
+					h.clock.Step(wait / 2)
+				}
+				netnstest.Poll(t, 5*time.Second, time.Millisecond, "the record written", func() bool { return outcome(tt.outcome) == 1 })
+			}
+			recs := h.records()
+			if len(recs) != 1 {
+				t.Fatalf("%d records, want 1", len(recs))
+			}
+			r := recs[0]
+			if pod, _ := r["pod"].(string); pod != tt.want {
+				t.Errorf("pod %q, want %q", pod, tt.want)
+			}
+			if r["time"] != ev.Time.UTC().Format(time.RFC3339Nano) {
+				t.Errorf("time %v, want the decision's %v", r["time"], ev.Time.UTC().Format(time.RFC3339Nano))
+			}
+		})
+	}
+}
+
+// Records still waiting when the agent stops are written, named if the
+// index knows the pod by then.
+func TestWaitingRecordsWrittenAtClose(t *testing.T) {
+	pods := newFakePods()
+	h := newHarnessWithPods(t, config10, func(c *Config) { c.PodWait = time.Minute }, pods)
+	h.reload("start")
+	h.a.audit.Decided(decisionEvent(h.a.Policy(), "8.8.8.8"))
+	netnstest.Poll(t, 5*time.Second, time.Millisecond, "the record waiting", h.clock.HasWaiters)
+	h.a.audit.Close()
+	recs := h.records()
+	if len(recs) != 1 || recs[0]["pod"] != nil {
+		t.Errorf("records %v, want the one decision record, unnamed", recs)
 	}
 }

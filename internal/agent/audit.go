@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -24,20 +25,46 @@ type audit struct {
 	ct      *conntrack.Listener
 	wg      sync.WaitGroup
 	skipped prometheus.Counter
+
+	// unnamed carries decision records of sources no pod is known for yet
+	// to namePods, which writes each once its pod is named or PodWait has
+	// passed; nil when records do not wait.
+	unnamed    chan flowlog.Record
+	namerDone  chan struct{}
+	stopNaming chan struct{}
+	podWait    *prometheus.CounterVec
+	closeOnce  sync.Once
 }
+
+// unnamedBuffer bounds the decision records waiting for a pod's name. Only
+// the first flows of a pod kubelet has not published yet wait, so it fills
+// only while the pod index has not synced; a record that finds it full is
+// written unnamed at once.
+const unnamedBuffer = 4096
 
 func newAudit(a *Agent) (*audit, error) {
 	lg, err := flowlog.New(a.cfg.FlowLog)
 	if err != nil {
 		return nil, fmt.Errorf("--flow-log: %w", err)
 	}
-	return &audit{
+	au := &audit{
 		a: a, log: lg,
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "nfmasq_conntrack_flows_ignored_total",
 			Help: "Destroyed pod flows with no decision mark (started before the rules, or to the node itself).",
 		}),
-	}, nil
+		podWait: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "nfmasq_flowlog_pod_wait_total",
+			Help: "Decision records that waited for their pod's name, by outcome: named, timeout (written unnamed after the wait), full (written unnamed at once, too many waiting).",
+		}, []string{"outcome"}),
+	}
+	if a.pods != nil && a.cfg.PodWait > 0 {
+		au.unnamed = make(chan flowlog.Record, unnamedBuffer)
+		au.namerDone = make(chan struct{})
+		au.stopNaming = make(chan struct{})
+		go au.namePods()
+	}
+	return au, nil
 }
 
 // start turns conntrack accounting on and listens for destroyed flows,
@@ -84,7 +111,7 @@ func (au *audit) Decided(ev *queue.Event) {
 		Proto:   uint8(p.Proto),
 		Src:     netip.AddrPortFrom(p.Src, p.SrcPort),
 		Dst:     netip.AddrPortFrom(p.Dst, p.DstPort),
-		Pod:     au.a.pods(p.Src),
+		Pod:     au.a.podName(p.Src),
 		Action:  ev.Decision.Action.String(),
 		Prefix:  ev.Decision.Prefix,
 		Source:  ev.Decision.Source.String(),
@@ -96,7 +123,75 @@ func (au *audit) Decided(ev *queue.Event) {
 		rec.PolicyHash = pol.Hash()
 		rec.PolicyGeneration, _ = au.a.cur.Load().generationOf(pol)
 	}
+	if rec.Pod == "" && au.unnamed != nil {
+		select {
+		case au.unnamed <- rec:
+			return
+		default:
+			au.podWait.WithLabelValues("full").Inc()
+		}
+	}
 	au.log.Log(rec)
+}
+
+// waiting is a decision record waiting for its pod's name.
+type waiting struct {
+	rec      flowlog.Record
+	deadline time.Time
+}
+
+// namePods writes each record of au.unnamed once the pod index names its
+// source, or unnamed once PodWait has passed since it arrived. It re-reads
+// the index only when the index changes.
+func (au *audit) namePods() {
+	defer close(au.namerDone)
+	clk, wait := au.a.clock, au.a.cfg.PodWait
+	var pending []waiting // in arrival order, so in deadline order
+	timer := clk.NewTimer(wait)
+	timer.Stop()
+	flush := func(named bool) {
+		now := clk.Now()
+		kept := pending[:0]
+		for _, w := range pending {
+			if w.rec.Pod = au.a.podName(w.rec.Src.Addr()); w.rec.Pod != "" {
+				au.podWait.WithLabelValues("named").Inc()
+				au.log.Log(w.rec)
+			} else if !named || !now.Before(w.deadline) {
+				au.podWait.WithLabelValues("timeout").Inc()
+				au.log.Log(w.rec)
+			} else {
+				kept = append(kept, w)
+			}
+		}
+		clear(pending[len(kept):])
+		pending = kept
+		if len(pending) > 0 {
+			timer.Reset(pending[0].deadline.Sub(now))
+		}
+	}
+	for {
+		// Taken before the lookups, so a change after them is not missed.
+		changed := au.a.pods.Changed()
+		select {
+		case rec := <-au.unnamed:
+			pending = append(pending, waiting{rec: rec, deadline: clk.Now().Add(wait)})
+			flush(true)
+		case <-changed:
+			flush(true)
+		case <-timer.C():
+			flush(true)
+		case <-au.stopNaming:
+			for {
+				select {
+				case rec := <-au.unnamed:
+					pending = append(pending, waiting{rec: rec})
+				default:
+					flush(false)
+					return
+				}
+			}
+		}
+	}
 }
 
 // consume writes an end record for each flow the agent decided and a
@@ -114,7 +209,7 @@ func (au *audit) consume(events <-chan conntrack.Event) {
 			Proto:        f.Proto,
 			Src:          f.Orig.Src,
 			Dst:          f.Orig.Dst,
-			Pod:          au.a.pods(f.Orig.Src.Addr()),
+			Pod:          au.a.podName(f.Orig.Src.Addr()),
 			Accounted:    f.Accounted,
 			PacketsOrig:  f.OrigCounters.Packets,
 			BytesOrig:    f.OrigCounters.Bytes,
@@ -152,13 +247,20 @@ func (au *audit) consume(events <-chan conntrack.Event) {
 	}
 }
 
-// Close stops the conntrack listener and flushes the log.
+// Close stops the conntrack listener, writes the records still waiting
+// for a pod's name (named if the index now knows it), and flushes the log.
 func (au *audit) Close() {
-	if au.ct != nil {
-		au.ct.Close()
-		au.wg.Wait()
-	}
-	au.log.Close()
+	au.closeOnce.Do(func() {
+		if au.ct != nil {
+			au.ct.Close()
+			au.wg.Wait()
+		}
+		if au.unnamed != nil {
+			close(au.stopNaming)
+			<-au.namerDone
+		}
+		au.log.Close()
+	})
 }
 
 var (
@@ -178,6 +280,7 @@ func (c auditCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descFlowErrors
 	ch <- descCTOverruns
 	c.au.skipped.Describe(ch)
+	c.au.podWait.Describe(ch)
 }
 
 func (c auditCollector) Collect(ch chan<- prometheus.Metric) {
@@ -195,4 +298,5 @@ func (c auditCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descCTOverruns, prometheus.CounterValue, float64(c.au.ct.Stats().Overruns))
 	}
 	c.au.skipped.Collect(ch)
+	c.au.podWait.Collect(ch)
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net/netip"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -25,11 +24,10 @@ func OptionalClient(kubeconfig string) (kubernetes.Interface, error) {
 }
 
 // StartPodIndex starts a pod informer for the node's pods, for pod names
-// in flow records, and returns its lookup. Without a client or a node
-// name it returns nil: records carry no pod name. The lookup is a map
-// read, never an API call; until the first list completes it finds
-// nothing.
-func StartPodIndex(ctx context.Context, client kubernetes.Interface, node string, log *slog.Logger) func(netip.Addr) string {
+// in flow records, and returns the index. Without a client or a node name
+// it returns nil: records carry no pod name. Until the first list
+// completes the index finds nothing.
+func StartPodIndex(ctx context.Context, client kubernetes.Interface, node string, log *slog.Logger) *PodIndex {
 	if client == nil || node == "" {
 		log.Info("pod names in flow records: off (no cluster, or NODE_NAME unset)")
 		return nil
@@ -45,5 +43,5 @@ func StartPodIndex(ctx context.Context, client kubernetes.Interface, node string
 		}
 	}()
 	log.Info("pod names in flow records: from the pods of this node", "node", node)
-	return idx.Lookup
+	return idx
 }

@@ -22,9 +22,11 @@ import (
 // size is bounded by the node's pod limit, not by the cluster.
 //
 // Host-network pods are left out: their address is the node's, shared by
-// many pods, and naming one of them would be a lie. So are pods that have
-// finished (Succeeded, Failed), whose address the node may already have
-// handed to a new pod.
+// many pods, and naming one of them would be a lie. A pod that has
+// finished (Succeeded, Failed) keeps its addresses until it is deleted, so
+// that the end records conntrack writes after it exited (30 s later for
+// UDP) still name it; a running pod always wins an address over a
+// finished one, since the node may have handed the address on.
 type PodIndex struct {
 	// addrs is the published, immutable snapshot that Lookup reads.
 	addrs atomic.Pointer[map[netip.Addr]string]
@@ -34,6 +36,8 @@ type PodIndex struct {
 	mu sync.Mutex
 	// pods is the index's own view: each pod's key and what it contributes.
 	pods map[string]podEntry
+	// changed is closed, and replaced, at every publish.
+	changed chan struct{}
 
 	node     string
 	informer cache.SharedIndexInformer
@@ -42,8 +46,23 @@ type PodIndex struct {
 
 // podEntry is what the index keeps of a pod.
 type podEntry struct {
-	addrs   []netip.Addr
-	created time.Time
+	addrs    []netip.Addr
+	created  time.Time
+	finished bool
+}
+
+// outranks reports whether e, not o, owns an address both claim: a
+// running pod over a finished one, then the newer pod (a replaced pod's
+// address can be reused before its deletion arrives), then the lower key,
+// so that the choice never depends on map order.
+func (e podEntry) outranks(key string, o podEntry, oKey string) bool {
+	switch {
+	case e.finished != o.finished:
+		return !e.finished
+	case !e.created.Equal(o.created):
+		return e.created.After(o.created)
+	}
+	return key < oKey
 }
 
 // NewPodIndex returns an index of the pods on nodeName. It does nothing
@@ -59,6 +78,7 @@ func NewPodIndex(client kubernetes.Interface, nodeName string, resync time.Durat
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = selector }))
 	x := &PodIndex{
 		pods:     make(map[string]podEntry),
+		changed:  make(chan struct{}),
 		node:     nodeName,
 		factory:  factory,
 		informer: factory.Core().V1().Pods().Informer(),
@@ -105,6 +125,14 @@ func (x *PodIndex) Lookup(addr netip.Addr) string {
 	return (*x.addrs.Load())[addr.Unmap()]
 }
 
+// Changed returns a channel closed at the index's next change, for a
+// reader waiting for an address to appear.
+func (x *PodIndex) Changed() <-chan struct{} {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.changed
+}
+
 // Len returns the number of addresses in the index.
 func (x *PodIndex) Len() int { return len(*x.addrs.Load()) }
 
@@ -114,10 +142,13 @@ func (x *PodIndex) update(obj any) {
 		return
 	}
 	key := pod.Namespace + "/" + pod.Name
-	entry := podEntry{created: pod.CreationTimestamp.Time}
+	entry := podEntry{
+		created:  pod.CreationTimestamp.Time,
+		finished: pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,
+	}
 	// The node check repeats the field selector so that a server (or a
 	// fake) that ignores it cannot put another node's pods in the index.
-	if pod.Spec.NodeName == x.node && !pod.Spec.HostNetwork && pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed {
+	if pod.Spec.NodeName == x.node && !pod.Spec.HostNetwork {
 		for _, ip := range pod.Status.PodIPs {
 			if a, err := netip.ParseAddr(ip.IP); err == nil {
 				entry.addrs = append(entry.addrs, a.Unmap())
@@ -126,8 +157,14 @@ func (x *PodIndex) update(obj any) {
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	prev, had := x.pods[key]
+	if entry.finished && len(entry.addrs) == 0 && had {
+		// A finished pod whose status no longer lists its addresses
+		// keeps the ones it had, for the records of its last flows.
+		entry.addrs = prev.addrs
+	}
 	if len(entry.addrs) == 0 {
-		if _, had := x.pods[key]; !had {
+		if !had {
 			return
 		}
 		delete(x.pods, key)
@@ -160,20 +197,17 @@ func (x *PodIndex) delete(obj any) {
 // read of a map nobody writes. x.mu must be held.
 func (x *PodIndex) publish() {
 	addrs := make(map[netip.Addr]string, len(x.pods))
-	owner := make(map[netip.Addr]time.Time, len(x.pods))
 	for key, e := range x.pods {
 		for _, a := range e.addrs {
-			// Two live pods with one address happen briefly when a pod
-			// is replaced and its address reused before the old one's
-			// deletion arrives; the newer pod is the one sending.
-			if prev, taken := owner[a]; taken && (prev.After(e.created) || (prev.Equal(e.created) && addrs[a] < key)) {
+			if cur, taken := addrs[a]; taken && !e.outranks(key, x.pods[cur], cur) {
 				continue
 			}
 			addrs[a] = key
-			owner[a] = e.created
 		}
 	}
 	x.addrs.Store(&addrs)
+	close(x.changed)
+	x.changed = make(chan struct{})
 }
 
 // slimPod drops every field the index does not read before the informer

@@ -71,12 +71,37 @@ func TestPodIndexEvents(t *testing.T) {
 			want: map[string]string{"10.244.0.7": ""},
 		},
 		{
-			name: "finished pod releases its address",
+			name: "finished pod keeps its address until deleted, for its end records",
 			events: []event{
 				{pod: testPod("ns", "job", "n1", false, "10.244.0.8")},
 				{pod: withPhase(testPod("ns", "job", "n1", false, "10.244.0.8"), corev1.PodSucceeded)},
 			},
+			want: map[string]string{"10.244.0.8": "ns/job"},
+		},
+		{
+			name: "finished pod whose status dropped its addresses keeps the ones it had",
+			events: []event{
+				{pod: testPod("ns", "job", "n1", false, "10.244.0.8")},
+				{pod: withPhase(testPod("ns", "job", "n1", false), corev1.PodFailed)},
+			},
+			want: map[string]string{"10.244.0.8": "ns/job"},
+		},
+		{
+			name: "finished pod's deletion forgets it",
+			events: []event{
+				{pod: withPhase(testPod("ns", "job", "n1", false, "10.244.0.8"), corev1.PodSucceeded)},
+				{del: true, pod: withPhase(testPod("ns", "job", "n1", false, "10.244.0.8"), corev1.PodSucceeded)},
+			},
 			want: map[string]string{"10.244.0.8": ""},
+		},
+		{
+			name: "a running pod wins a finished pod's address, even an older one and in either order",
+			events: []event{
+				{pod: withTime(withPhase(testPod("ns", "job", "n1", false, "10.244.0.8"), corev1.PodSucceeded), newer)},
+				{pod: withTime(testPod("ns", "web", "n1", false, "10.244.0.8"), older)},
+				{pod: withTime(withPhase(testPod("ns", "job2", "n1", false, "10.244.0.8"), corev1.PodFailed), newer)},
+			},
+			want: map[string]string{"10.244.0.8": "ns/web"},
 		},
 		{
 			name: "reused address belongs to the newer pod, in either order",
