@@ -380,7 +380,7 @@ func benchQueue(b *testing.B, top *sandbox.Topology, cfg queue.Config) (*queue.Q
 // BenchmarkKernelNewFlowsLoop runs new UDP flows through the kernel queue
 // twice in one run: answered by this package's receive loop and by
 // go-nfqueue's own (Register, a hook that decodes the packet, asks the
-// policy and sends SetVerdictWithMark), with the same sender, policy and
+// policy and sends its verdict with the mark), with the same sender, policy and
 // windows of 256 unanswered packets. It keeps measurable why the queue
 // reads the socket itself. Run with an explicit count, e.g.
 // -benchtime=20000x: every flow leaves a conntrack entry for 30 s.
@@ -423,11 +423,11 @@ func benchLoop(b *testing.B, library bool) {
 			if a.PacketID == nil || a.Payload == nil {
 				return 0
 			}
-			m := 0
+			var m uint32
 			if p.Decode(*a.Payload); p.Status.Valid() {
-				m = int(kernelMarksFor(pol.Decide(p.Dst).Action))
+				m = kernelMarksFor(pol.Decide(p.Dst).Action)
 			}
-			if err := nfq.SetVerdictWithMark(*a.PacketID, nfqueue.NfAccept, m); err != nil {
+			if err := nfq.SetVerdictWithOption(*a.PacketID, nfqueue.NfAccept, nfqueue.WithMark(m)); err != nil {
 				b.Error(err)
 			}
 			count()
