@@ -6,6 +6,7 @@
 #   hack/kube-apiserver.sh up      build if needed, start both, wait for /readyz, write a kubeconfig
 #   hack/kube-apiserver.sh down    stop both and remove the run directory
 #   hack/kube-apiserver.sh env     print "export KUBECONFIG=..." for a running server
+#   hack/kube-apiserver.sh bin     print the directory the binaries are cached in
 #
 # Typical use (this is what CI runs):
 #   hack/kube-apiserver.sh up
@@ -21,6 +22,9 @@
 #   NFMASQ_KUBE_RUN     run directory (certs, etcd data, logs, pids, kubeconfig);
 #                       default ${TMPDIR:-/tmp}/nfmasq-kube-$UID.
 #   NFMASQ_KUBE_PORT    apiserver secure port; default 6444. etcd uses PORT+1 and PORT+2.
+#   KUBE_COMMANDS       the k8s.io/kubernetes commands `build` builds besides etcd;
+#                       default kube-apiserver. hack/kube-node.sh adds the node's
+#                       (kubelet, kube-proxy, ...) to the same module and cache.
 #
 # Why a scratch module: k8s.io/kubernetes replaces each k8s.io/* staging
 # module with a directory inside its own repository, and replace directives
@@ -53,9 +57,20 @@ ETCD_CLIENT_PORT=$((PORT + 1))
 ETCD_PEER_PORT=$((PORT + 2))
 TOKEN_USER=nfmasq-test
 
+KUBE_COMMANDS=${KUBE_COMMANDS:-kube-apiserver}
+
+# built reports whether every command asked for is in the cache.
+built() {
+	local c
+	[[ -x $BIN/etcd ]] || return 1
+	for c in $KUBE_COMMANDS; do
+		[[ -x $BIN/$c && -f $BIN/.complete-$c ]] || return 1
+	done
+}
+
 cmd_build() {
-	if [[ -x $BIN/kube-apiserver && -x $BIN/etcd && -f $BIN/.complete ]]; then
-		log "cached: $BIN ($("$BIN/kube-apiserver" --version))"
+	if built; then
+		log "cached: $BIN ($KUBE_COMMANDS, etcd; $("$BIN/kube-apiserver" --version))"
 		return
 	fi
 	command -v go >/dev/null || die "go is not on PATH"
@@ -86,14 +101,16 @@ cmd_build() {
 		awk -v v="$staging" '$2 == "=>" && $3 ~ /^\.\/staging\// { printf "\t%s => %s %s\n", $1, $1, v }' "$kmod"
 		echo ")"
 	} >go.mod
-	cat >tools.go <<-'EOF'
-		//go:build tools
-
-		// Package tools pins the commands built from this module.
-		package tools
-
-		import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-	EOF
+	{
+		echo "//go:build tools"
+		echo
+		echo "// Package tools pins the commands built from this module."
+		echo "package tools"
+		echo
+		echo "import ("
+		for c in $KUBE_COMMANDS; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
+		echo ")"
+	} >tools.go
 	cat >cmd/etcd/main.go <<-'EOF'
 		// Command etcd is etcd's own main, built from go.etcd.io/etcd/server/v3.
 		package main
@@ -107,8 +124,8 @@ cmd_build() {
 		func main() { etcdmain.Main(os.Args) }
 	EOF
 
-	log "resolving modules for kubernetes $KUBE_VERSION (staging $staging), etcd $etcd_version"
-	# Staging modules that kube-apiserver does not import may be unpublished;
+	log "resolving modules for kubernetes $KUBE_VERSION (staging $staging), etcd $etcd_version: $KUBE_COMMANDS"
+	# Staging modules that the commands do not import may be unpublished;
 	# tidy only needs the ones in the import graph.
 	go mod tidy -e >tidy.log 2>&1 || { cat tidy.log >&2; die "go mod tidy failed"; }
 
@@ -122,12 +139,17 @@ cmd_build() {
 		key=${kv%%=*} val=${kv#*=}
 		ldflags+=" -X k8s.io/component-base/version.$key=$val -X k8s.io/client-go/pkg/version.$key=$val"
 	done
-	log "building kube-apiserver"
-	go build -trimpath -ldflags "$ldflags" -o "$BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-	log "building etcd"
-	go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" ./cmd/etcd
-	touch "$BIN/.complete"
-	log "built in $((SECONDS - start))s: $("$BIN/kube-apiserver" --version), etcd $etcd_version"
+	local pkgs=() c
+	for c in $KUBE_COMMANDS; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+	log "building $KUBE_COMMANDS"
+	# One go build: the commands share most of their packages.
+	go build -trimpath -ldflags "$ldflags" -o "$BIN/" "${pkgs[@]}"
+	if [[ ! -x $BIN/etcd ]]; then
+		log "building etcd"
+		go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" ./cmd/etcd
+	fi
+	for c in $KUBE_COMMANDS; do touch "$BIN/.complete-$c"; done
+	log "built in $((SECONDS - start))s: $KUBE_COMMANDS ($("$BIN/kube-apiserver" --version)), etcd $etcd_version"
 }
 
 # certs writes a CA and serving certificates for etcd and the apiserver (all
@@ -285,8 +307,9 @@ cmd_env() {
 
 case ${1:-} in
 build) cmd_build ;;
+bin) echo "$BIN" ;;
 up) cmd_up ;;
 down) cmd_down ;;
 env) cmd_env ;;
-*) die "usage: $0 build|up|down|env" ;;
+*) die "usage: $0 build|bin|up|down|env" ;;
 esac

@@ -52,11 +52,23 @@ func Do(fd int, fn func() error) error {
 
 var seq atomic.Int64
 
-// NS is a named network namespace made by Create.
+// NS is a named network namespace made by Create or opened by Open.
 type NS struct {
 	// Name is the name under /run/netns, usable with `ip netns exec`.
 	Name string
 	fd   int
+	// opened: Close releases the namespace but does not delete it.
+	opened bool
+}
+
+// Open opens the existing namespace /run/netns/name, which the caller
+// did not make: Close releases it and leaves it in place.
+func Open(name string) (*NS, error) {
+	fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", name, err)
+	}
+	return &NS{Name: name, fd: fd, opened: true}, nil
 }
 
 // Create makes a namespace with loopback up and IPv6 duplicate address
@@ -86,14 +98,17 @@ func Create(prefix string) (*NS, error) {
 	return n, nil
 }
 
-// Close deletes the namespace. Processes still inside keep it alive until
-// they exit, but it is no longer reachable by name.
+// Close deletes a namespace Create made (processes still inside keep it
+// alive until they exit, but it is no longer reachable by name) and
+// releases one Open opened.
 func (n *NS) Close() {
 	if n.fd > 0 {
 		unix.Close(n.fd)
 		n.fd = -1
 	}
-	_ = exec.Command("ip", "netns", "del", n.Name).Run()
+	if !n.opened {
+		_ = exec.Command("ip", "netns", "del", n.Name).Run()
+	}
 }
 
 // FD returns an open file descriptor of the namespace, for APIs that take
