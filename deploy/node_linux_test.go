@@ -254,6 +254,10 @@ func TestNode(t *testing.T) {
 		n.t = t
 		n.kubeProxy()
 	})
+	t.Run("restarts", func(t *testing.T) {
+		n.t = t
+		n.restarts()
+	})
 
 	t.Run("uninstall", func(t *testing.T) {
 		n.t = t
@@ -604,4 +608,97 @@ func (n *realNode) kubeProxyMasqueraded() uint64 {
 	var v uint64
 	fmt.Sscan(m[1], &v)
 	return v
+}
+
+// restarts restarts the agent twice (kubectl rollout restart, then
+// kubectl delete pod) while a pod opens a steady stream of new UDP flows
+// to a masqueraded destination: every flow must reach the remote from
+// the node's address, and the flows the kernel fallback decided while no
+// agent ran must appear as fallback records afterwards.
+func (n *realNode) restarts() {
+	t := n.t
+	c := n.clients[1]
+	before := len(n.sink.Seen())
+	// At most 60 s and 3,000 flows; it stops once /tmp/stop exists.
+	// It prints how many datagrams it sent.
+	loop := fmt.Sprintf("rm -f /tmp/stop; n=0; for i in $(seq 3000); do [ -e /tmp/stop ] && break; echo r > /dev/udp/%s/%d && n=$((n+1)); sleep 0.01; done; echo $n", sandbox.Internet4, sinkPort)
+	type result struct {
+		out string
+		err error
+	}
+	sent := make(chan result, 1)
+	go func() {
+		out, err := n.run("-n", c.ns, "exec", c.name, "--", "timeout", "60", "bash", "-c", loop)
+		sent <- result{out, err}
+	}()
+	start := time.Now()
+	n.kube("-n", "kube-system", "rollout", "restart", "daemonset/nfmasq")
+	n.kube("-n", "kube-system", "rollout", "status", "daemonset/nfmasq", "--timeout=120s")
+	rollout := time.Since(start)
+	n.kube("-n", "kube-system", "delete", "pod", "-l", "app.kubernetes.io/name=nfmasq", "--wait=true")
+	n.kube("-n", "kube-system", "rollout", "status", "daemonset/nfmasq", "--timeout=120s")
+	// The new agent must be ready before the flows end, to record them.
+	netnstest.Poll(t, 60*time.Second, 200*time.Millisecond, "the new agent ready", func() bool { return n.metric("nfmasq_ready") == 1 })
+	n.kube("-n", c.ns, "exec", c.name, "--", "touch", "/tmp/stop")
+	r := <-sent
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	var count int
+	if _, err := fmt.Sscan(r.out, &count); err != nil {
+		t.Fatalf("the sender's count %q: %v", r.out, err)
+	}
+	t.Logf("rollout restart took %v, delete pod and the new pod ready %v", rollout.Round(time.Millisecond), (time.Since(start) - rollout).Round(time.Millisecond))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	seen, err := n.sink.WaitFor(ctx, func(s []sandbox.Seen) bool { return len(s)-before >= count })
+	cancel()
+	if err != nil {
+		t.Errorf("the pod sent %d datagrams, the remote saw %d: %v", count, len(seen)-before, err)
+	}
+	flows, wrong := 0, 0
+	for _, s := range seen[before:] {
+		if s.Dst.Addr() != sandbox.Internet4 {
+			continue
+		}
+		flows++
+		if s.Src.Addr() != nodeUplink {
+			wrong++
+		}
+	}
+	t.Logf("%d flows sent through two restarts; %d arrived with the wrong source", flows, wrong)
+	if wrong != 0 || flows < 100 {
+		t.Errorf("%d of %d flows arrived with the pod's address; want 0 of at least 100", wrong, flows)
+	}
+
+	// End the flows: the kernel-decided ones get fallback records.
+	fallback := 0
+	if _, err := conntrack.DeleteStale(context.Background(), n.ns.FD(), func(f conntrack.Flow) bool {
+		if f.Orig.Src.Addr().String() != c.ip || f.Orig.Dst.Port() != sinkPort {
+			return false
+		}
+		if f.Mark&0x3000 == 0x3000 {
+			fallback++
+		}
+		return true
+	}, []uint8{17}); err != nil {
+		t.Fatal(err)
+	}
+	if fallback == 0 {
+		t.Fatal("no flow was decided by the kernel fallback while the agent restarted")
+	}
+	var records int
+	netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, "a fallback record per kernel-decided flow", func() bool {
+		records = 0
+		for _, r := range n.flowLog() {
+			if r.Kind == "fallback" && r.Dport == sinkPort && r.Src == c.ip {
+				records++
+			}
+		}
+		return records >= fallback
+	})
+	t.Logf("%d flows decided by the kernel fallback during the restarts, %d fallback records", fallback, records)
+	if records != fallback {
+		t.Errorf("%d fallback records, want %d", records, fallback)
+	}
 }
