@@ -242,6 +242,10 @@ func TestNode(t *testing.T) {
 			_, _ = n.run("delete", "namespace", c.ns, "--wait=false")
 		}
 	})
+	t.Run("startup-flows", func(t *testing.T) {
+		n.t = t
+		n.startupFlows()
+	})
 	t.Run("configmap", func(t *testing.T) {
 		n.t = t
 		n.configMapEdits()
@@ -700,5 +704,62 @@ func (n *realNode) restarts() {
 	t.Logf("%d flows decided by the kernel fallback during the restarts, %d fallback records", fallback, records)
 	if records != fallback {
 		t.Errorf("%d fallback records, want %d", records, fallback)
+	}
+}
+
+// startupFlows runs a pod that sends as soon as its container starts and
+// then exits: kubelet publishes its address only after the start, and
+// the pod is Succeeded by the time its flows end. Its decision records
+// and its end records must still name it.
+func (n *realNode) startupFlows() {
+	t := n.t
+	ns := n.clients[0].ns
+	script := fmt.Sprintf("for d in %s %s; do echo start > /dev/udp/$d/%d; done", sandbox.Internet4, sandbox.Internal4, sinkPort)
+	manifest := fmt.Sprintf(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"starter","namespace":%q},
+"spec":{"restartPolicy":"Never","containers":[{"name":"c","image":"localhost/nfmasq-client:dev","imagePullPolicy":"Never","command":["bash","-c",%q]}]}}`, ns, script)
+	f := filepath.Join(t.TempDir(), "starter.json")
+	if err := os.WriteFile(f, []byte(manifest), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n.kube("apply", "-f", f)
+	n.kube("-n", ns, "wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/starter", "--timeout=120s")
+	ip := strings.TrimSpace(n.kube("-n", ns, "get", "pod", "starter", "-o", "jsonpath={.status.podIP}"))
+	if ip == "" {
+		t.Fatal("the finished pod has no address in its status")
+	}
+	want := ns + "/starter"
+	records := func(kind string) []flowRecord {
+		var out []flowRecord
+		for _, r := range n.flowLog() {
+			if r.Kind == kind && r.Src == ip && r.Dport == sinkPort {
+				out = append(out, r)
+			}
+		}
+		return out
+	}
+	var decisions []flowRecord
+	netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, "the starter's two decision records", func() bool {
+		decisions = records("decision")
+		return len(decisions) >= 2
+	})
+	for _, r := range decisions {
+		if r.Pod != want {
+			t.Errorf("decision record of a flow sent at container start names pod %q, want %q", r.Pod, want)
+		}
+	}
+	if _, err := conntrack.DeleteStale(context.Background(), n.ns.FD(), func(f conntrack.Flow) bool {
+		return f.Orig.Src.Addr().String() == ip
+	}, []uint8{17}); err != nil {
+		t.Fatal(err)
+	}
+	var ends []flowRecord
+	netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, "the starter's two end records", func() bool {
+		ends = records("end")
+		return len(ends) >= 2
+	})
+	for _, r := range ends {
+		if r.Pod != want {
+			t.Errorf("end record of a finished pod's flow names pod %q, want %q", r.Pod, want)
+		}
 	}
 }
