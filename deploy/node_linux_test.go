@@ -242,26 +242,21 @@ func TestNode(t *testing.T) {
 			_, _ = n.run("delete", "namespace", c.ns, "--wait=false")
 		}
 	})
-	t.Run("startup-flows", func(t *testing.T) {
-		n.t = t
-		n.startupFlows()
-	})
-	t.Run("configmap", func(t *testing.T) {
-		n.t = t
-		n.configMapEdits()
-	})
-	t.Run("egress-policy", func(t *testing.T) {
-		n.t = t
-		n.egressPolicy()
-	})
-	t.Run("kube-proxy", func(t *testing.T) {
-		n.t = t
-		n.kubeProxy()
-	})
-	t.Run("restarts", func(t *testing.T) {
-		n.t = t
-		n.restarts()
-	})
+	for _, check := range []struct {
+		name string
+		run  func()
+	}{
+		{"startup-flows", n.startupFlows},
+		{"configmap", n.configMapEdits},
+		{"egress-policy", n.egressPolicy},
+		{"kube-proxy", n.kubeProxy},
+		{"restarts", n.restarts},
+	} {
+		t.Run(check.name, func(t *testing.T) {
+			n.t = t
+			check.run()
+		})
+	}
 
 	t.Run("uninstall", func(t *testing.T) {
 		n.t = t

@@ -775,7 +775,7 @@ func TestAuditStalledSink(t *testing.T) {
 	if _, err := unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, 4096); err != nil {
 		t.Fatal(err)
 	}
-	var out lockedBuffer
+	var out netnstest.Buffer
 	var drain sync.Once
 	drained := make(chan struct{})
 	startDrain := func() {

@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -42,26 +41,9 @@ type agentProc struct {
 	t      *testing.T
 	top    *sandbox.Topology
 	cmd    *exec.Cmd
-	out    *lockedBuffer
+	out    *netnstest.Buffer
 	done   chan struct{}
 	client *http.Client
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // startAgent starts the agent in the node namespace with the pod CIDRs of
@@ -97,7 +79,7 @@ func launchAgentTo(t *testing.T, top *sandbox.Topology, stdout io.Writer, args .
 	}, args...)
 	cmd := top.Node.Command(context.Background(), full...)
 	cmd.Env = append(os.Environ(), "NFMASQ_RUN_MAIN=1")
-	a := &agentProc{t: t, top: top, cmd: cmd, out: &lockedBuffer{}, done: make(chan struct{}), client: top.Node.HTTPClient()}
+	a := &agentProc{t: t, top: top, cmd: cmd, out: &netnstest.Buffer{}, done: make(chan struct{}), client: top.Node.HTTPClient()}
 	cmd.Stdout, cmd.Stderr = a.out, a.out
 	if stdout != nil {
 		cmd.Stdout = stdout

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -58,18 +57,6 @@ func (c *fakeConntrack) DeleteStale(_ context.Context, match func(conntrack.Flow
 	return n, nil
 }
 
-// syncBuffer is a flow log sink the test reads after the logger closed.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
 // harness is an agent on fake kernel seams, with its config file.
 type harness struct {
 	t      *testing.T
@@ -77,7 +64,7 @@ type harness struct {
 	rules  *rules.Fake
 	ct     *fakeConntrack
 	config string
-	log    *syncBuffer
+	log    *netnstest.Buffer
 	pods   *fakePods
 	clock  *clocktesting.FakeClock
 }
@@ -120,7 +107,7 @@ func newHarness(t *testing.T, config string, edit func(*Config)) *harness {
 
 func newHarnessWithPods(t *testing.T, config string, edit func(*Config), pods *fakePods) *harness {
 	t.Helper()
-	h := &harness{t: t, rules: rules.NewFake(), ct: &fakeConntrack{}, config: filepath.Join(t.TempDir(), "ip-masq-agent"), log: &syncBuffer{},
+	h := &harness{t: t, rules: rules.NewFake(), ct: &fakeConntrack{}, config: filepath.Join(t.TempDir(), "ip-masq-agent"), log: &netnstest.Buffer{},
 		pods: pods, clock: clocktesting.NewFakeClock(time.Unix(1700000000, 0))}
 	if config != "" {
 		h.write(config)
@@ -182,7 +169,7 @@ func (h *harness) records() []map[string]any {
 	h.t.Helper()
 	h.a.audit.log.Close()
 	var out []map[string]any
-	for _, line := range strings.Split(strings.TrimSpace(h.log.b.String()), "\n") {
+	for _, line := range strings.Split(strings.TrimSpace(h.log.String()), "\n") {
 		if line == "" {
 			continue
 		}
