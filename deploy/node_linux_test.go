@@ -722,39 +722,31 @@ func (n *realNode) startupFlows() {
 	if ip == "" {
 		t.Fatal("the finished pod has no address in its status")
 	}
-	want := ns + "/starter"
-	records := func(kind string) []flowRecord {
-		var out []flowRecord
-		for _, r := range n.flowLog() {
-			if r.Kind == kind && r.Src == ip && r.Dport == sinkPort {
-				out = append(out, r)
+	// expectNamed waits for the starter's two records of kind and checks
+	// that they name it.
+	expectNamed := func(kind, why string) {
+		t.Helper()
+		var recs []flowRecord
+		netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, "the starter's two "+kind+" records", func() bool {
+			recs = recs[:0]
+			for _, r := range n.flowLog() {
+				if r.Kind == kind && r.Src == ip && r.Dport == sinkPort {
+					recs = append(recs, r)
+				}
+			}
+			return len(recs) >= 2
+		})
+		for _, r := range recs {
+			if want := ns + "/starter"; r.Pod != want {
+				t.Errorf("%s record of %s names pod %q, want %q", kind, why, r.Pod, want)
 			}
 		}
-		return out
 	}
-	var decisions []flowRecord
-	netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, "the starter's two decision records", func() bool {
-		decisions = records("decision")
-		return len(decisions) >= 2
-	})
-	for _, r := range decisions {
-		if r.Pod != want {
-			t.Errorf("decision record of a flow sent at container start names pod %q, want %q", r.Pod, want)
-		}
-	}
+	expectNamed("decision", "a flow sent at container start")
 	if _, err := conntrack.DeleteStale(context.Background(), n.ns.FD(), func(f conntrack.Flow) bool {
 		return f.Orig.Src.Addr().String() == ip
 	}, []uint8{17}); err != nil {
 		t.Fatal(err)
 	}
-	var ends []flowRecord
-	netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, "the starter's two end records", func() bool {
-		ends = records("end")
-		return len(ends) >= 2
-	})
-	for _, r := range ends {
-		if r.Pod != want {
-			t.Errorf("end record of a finished pod's flow names pod %q, want %q", r.Pod, want)
-		}
-	}
+	expectNamed("end", "a finished pod's flow")
 }
