@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -43,14 +42,12 @@ func (d *dataplaneFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&d.backend, "iptables-backend", "auto", "iptables backend: auto (detect as kube-proxy's iptables-wrapper does), nft or legacy")
 }
 
-// dataplane parses the flags. Errors name the flag.
+// dataplane parses the flags. Errors name the flag; RulesConfig says
+// when --pod-cidr is missing.
 func (d *dataplaneFlags) dataplane() (agent.Dataplane, error) {
 	marks, err := mark.Parse(d.markMask)
 	if err != nil {
 		return agent.Dataplane{}, fmt.Errorf("--mark-mask: %w", err)
-	}
-	if len(d.podCIDRs) == 0 {
-		return agent.Dataplane{}, errors.New("--pod-cidr is required: only traffic from the node's pod CIDRs is handled")
 	}
 	dp := agent.Dataplane{
 		Marks:    marks,
