@@ -187,6 +187,7 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		ReconcileTCP: f.reconcileTCP,
 		FlowLog:      flowLog,
 		PodWait:      f.flowLog.podWait,
+		NatRecords:   f.flowLog.nat,
 		Metrics:      metricsLn,
 		Logger:       log,
 	}, deps)
@@ -209,6 +210,8 @@ type flowLogFlags struct {
 	maxFiles int
 	buffer   int
 	podWait  time.Duration
+	nat      bool
+	compress bool
 }
 
 func (f *flowLogFlags) register(fs *pflag.FlagSet) {
@@ -221,6 +224,9 @@ func (f *flowLogFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.buffer, "flow-log-buffer", flowlog.DefaultBuffer, "records that may wait for a slow sink before records are dropped (and a gap record written)")
 	fs.DurationVar(&f.podWait, "flow-log-pod-wait", 2*time.Second,
 		"longest a decision record waits for its pod's name when kubelet has not published the new pod's address yet (0: write it unnamed at once); the verdict never waits")
+	fs.BoolVar(&f.nat, "flow-log-nat", true,
+		"write a nat record with the translated source address and port when a masqueraded flow starts (nfmasq who answers from them while the flow is open)")
+	fs.BoolVar(&f.compress, "flow-log-compress", false, "gzip rotated flow log files (nfmasq who reads them)")
 }
 
 // options checks the flags and returns the flow log's options.
@@ -249,6 +255,6 @@ func (f *flowLogFlags) options() (flowlog.Options, error) {
 	}
 	return flowlog.Options{
 		Sink: sink, Node: node, Sample: f.sample, Ceiling: f.ceiling,
-		MaxFileMB: f.maxMB, MaxFiles: f.maxFiles, Buffer: f.buffer,
+		MaxFileMB: f.maxMB, MaxFiles: f.maxFiles, Buffer: f.buffer, Compress: f.compress,
 	}, nil
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -580,6 +581,38 @@ func TestAuditDecisionAndEndRecords(t *testing.T) {
 		}
 	}
 
+	// While the flows are open, each masqueraded one has a nat record
+	// with the translation the remote saw.
+	masqueraded := 0
+	for _, f := range flows {
+		if f.action == "masquerade" {
+			masqueraded++
+		}
+	}
+	recs = waitFlowLog(t, read, "nat records", func(r []flowRec) bool { return len(ofKind(r, "nat")) >= masqueraded })
+	nats := map[flowKey]flowRec{}
+	seenByNat := maps.Clone(seen)
+	for _, r := range ofKind(recs, "nat") {
+		if _, dup := nats[r.key()]; dup {
+			t.Errorf("two nat records for %v", r.key())
+		}
+		nats[r.key()] = r
+	}
+	for _, f := range flows {
+		r, ok := nats[f.key()]
+		switch {
+		case f.action != "masquerade" && ok:
+			t.Errorf("%v: nat record for a flow that kept its source: %s", f.key(), r.line)
+		case f.action != "masquerade":
+		case !ok:
+			t.Errorf("%v: masqueraded flow without a nat record", f.key())
+		case r.ConntrackID == 0 || r.Node != "audit-node" || r.Source != "" || r.Time.Before(decisions[f.key()].Time.Add(-time.Second)):
+			t.Errorf("%v: nat record without conntrack id or node, with a source, or long before the decision at %v: %s", f.key(), decisions[f.key()].Time, r.line)
+		default:
+			checkXlate(t, f, &r, seenByNat)
+		}
+	}
+
 	if n := endPodFlows(t, top); n != len(flows) {
 		t.Errorf("deleted %d conntrack entries of pod flows, want %d", n, len(flows))
 	}
@@ -618,6 +651,9 @@ func TestAuditDecisionAndEndRecords(t *testing.T) {
 			t.Errorf("%v: start/duration/time inconsistent with the decision at %v: %s", f.key(), decisions[f.key()].Time, r.line)
 		}
 		checkCounters(t, f, &r)
+		if n, ok := nats[f.key()]; ok && (n.ConntrackID != r.ConntrackID || n.XlateSrc != r.XlateSrc || *n.XlateSport != *r.XlateSport) {
+			t.Errorf("%v: nat and end records disagree on the conntrack id or translation:\n%s\n%s", f.key(), n.line, r.line)
+		}
 		if checkXlate(t, f, &r, seen) {
 			translated++
 		}
@@ -628,7 +664,7 @@ func TestAuditDecisionAndEndRecords(t *testing.T) {
 	if translated == 0 {
 		t.Errorf("no masqueraded end record shows a translated port; the xlate_sport check proved nothing")
 	}
-	t.Logf("%d flows: %d decision and %d end records; %d masqueraded flows had their source port translated", len(flows), len(decisions), len(ends), translated)
+	t.Logf("%d flows: %d decision, %d nat and %d end records; %d masqueraded flows had their source port translated", len(flows), len(decisions), len(nats), len(ends), translated)
 }
 
 // Flows the kernel fallback decided while the agent was dead are in the

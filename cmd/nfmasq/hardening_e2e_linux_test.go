@@ -518,6 +518,17 @@ func TestHardenOverload(t *testing.T) {
 		return recs.kinds["fallback"]+int(recs.lost("fallback")+recs.lost("end")) >= fallback || overruns > 0
 	})
 	figure(t, "after ending the %d fallback flows: %d fallback records, %d lost and reported in gap records", fallback, recs.kinds["fallback"], recs.lost("fallback")+recs.lost("end"))
+	// The masqueraded half of the flows (to internet4) had nat records
+	// as they started, written once the agent resumed: the fallback's
+	// with source kernel-fallback.
+	figure(t, "nat records: %d of flows the fallback decided, %d of flows the agent decided, %d lost and reported in gap records",
+		recs.fallbackNat, recs.kinds["nat"]-recs.fallbackNat, recs.lost("nat"))
+	if recs.fallbackNat == 0 && recs.lost("nat") == 0 {
+		t.Errorf("no nat record of a flow the fallback masqueraded, and none lost")
+	}
+	if uint64(recs.kinds["nat"])+recs.lost("nat") < uint64(n/2) {
+		t.Errorf("%d nat records and %d lost for %d masqueraded flows", recs.kinds["nat"], recs.lost("nat"), n/2)
+	}
 	if recs.malformed != 0 {
 		t.Errorf("%d flow log lines are not JSON", recs.malformed)
 	}
@@ -548,9 +559,10 @@ func backlogDrops(t *testing.T) uint64 {
 // flowLogSummary counts a flow log's records by kind and its gap records'
 // losses by reason and kind.
 type flowLogSummary struct {
-	kinds     map[string]int
-	dropped   map[string]map[string]uint64
-	malformed int
+	kinds       map[string]int
+	fallbackNat int // nat records of flows the kernel fallback decided
+	dropped     map[string]map[string]uint64
+	malformed   int
 }
 
 func (s flowLogSummary) lost(kind string) uint64 {
@@ -577,6 +589,7 @@ func readFlowLogSummary(t *testing.T, paths ...string) flowLogSummary {
 		for sc.Scan() {
 			var r struct {
 				Kind    string                       `json:"kind"`
+				Source  string                       `json:"source"`
 				Dropped map[string]map[string]uint64 `json:"dropped"`
 			}
 			if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
@@ -584,6 +597,9 @@ func readFlowLogSummary(t *testing.T, paths ...string) flowLogSummary {
 				continue
 			}
 			s.kinds[r.Kind]++
+			if r.Kind == "nat" && r.Source == "kernel-fallback" {
+				s.fallbackNat++
+			}
 			for reason, byKind := range r.Dropped {
 				if s.dropped[reason] == nil {
 					s.dropped[reason] = map[string]uint64{}

@@ -41,6 +41,13 @@ type Config struct {
 	ReconcileTCP bool
 	// FlowLog configures the audit trail (Sink, Node, sampling, rotation).
 	FlowLog flowlog.Options
+	// NatRecords writes a nat record, with the translated source, when
+	// conntrack confirms a masqueraded pod flow.
+	NatRecords bool
+	// Exporter, when not nil, receives the creation and end of every
+	// masqueraded pod flow (the IPFIX exporter). The caller closes it
+	// after Run returns.
+	Exporter NATExporter
 	// PodWait is how long a decision record whose source no pod is known
 	// for yet waits for the pod's name: kubelet publishes a new pod's
 	// address after its containers start, so its first flows would

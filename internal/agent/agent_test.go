@@ -561,3 +561,106 @@ func TestWaitingRecordsWrittenAtClose(t *testing.T) {
 		t.Errorf("records %v, want the one decision record, unnamed", recs)
 	}
 }
+
+// fakeExporter records what the audit hands a NAT exporter.
+type fakeExporter struct {
+	mu               sync.Mutex
+	created, deleted []conntrack.Flow
+	lost             uint64
+}
+
+func (e *fakeExporter) Created(f *conntrack.Flow) {
+	e.mu.Lock()
+	e.created = append(e.created, *f)
+	e.mu.Unlock()
+}
+func (e *fakeExporter) Deleted(f *conntrack.Flow) {
+	e.mu.Lock()
+	e.deleted = append(e.deleted, *f)
+	e.mu.Unlock()
+}
+func (e *fakeExporter) Lost(n uint64) { e.mu.Lock(); e.lost += n; e.mu.Unlock() }
+
+// A masqueraded flow nfmasq decided gets a nat record, with its
+// translation and conntrack id, when conntrack confirms it, and is
+// exported at its start and its end; flows that kept their source, or
+// that nfmasq did not decide, get neither.
+func TestNatRecordsAndExport(t *testing.T) {
+	exp := &fakeExporter{}
+	h := newHarness(t, config10, func(c *Config) { c.NatRecords = true; c.Exporter = exp })
+	h.reload("start")
+	flow := func(id uint32, m uint32, dst, xlate string) conntrack.Flow {
+		d := netip.MustParseAddrPort(dst)
+		return conntrack.Flow{ID: id, Proto: 6, Mark: m,
+			Orig:  conntrack.Tuple{Src: netip.MustParseAddrPort("10.244.0.2:4000"), Dst: d},
+			Reply: conntrack.Tuple{Src: d, Dst: netip.MustParseAddrPort(xlate)}}
+	}
+	flows := []conntrack.Flow{
+		flow(1, mark.Default.Masquerade, "8.8.8.8:443", "192.168.77.1:61417"),
+		flow(2, mark.Default.Fallback, "8.8.4.4:443", "192.168.77.1:1025"),
+		flow(3, mark.Default.Passthrough, "10.1.1.1:443", "10.244.0.2:4000"), // kept its source
+		flow(4, 0, "1.1.1.1:443", "192.168.77.1:2000"),                       // not decided by nfmasq
+	}
+	news, ends := make(chan conntrack.Event, len(flows)), make(chan conntrack.Event, len(flows))
+	for _, f := range flows {
+		news <- conntrack.Event{Type: conntrack.EventNew, Flow: f}
+		ends <- conntrack.Event{Type: conntrack.EventDestroy, Flow: f}
+	}
+	close(news)
+	close(ends)
+	h.a.audit.consumeNew(news)
+	h.a.audit.consume(ends)
+	var nats []map[string]any
+	for _, r := range h.records() {
+		if r["kind"] == "nat" {
+			nats = append(nats, r)
+		}
+	}
+	if len(nats) != 2 {
+		t.Fatalf("%d nat records, want 2 (flows 1 and 2): %v", len(nats), nats)
+	}
+	for i, want := range []struct {
+		id            float64
+		xlate, source string
+		port          float64
+	}{{1, "192.168.77.1", "", 61417}, {2, "192.168.77.1", "kernel-fallback", 1025}} {
+		r := nats[i]
+		source, _ := r["source"].(string)
+		if r["conntrack_id"] != want.id || r["xlate_src"] != want.xlate || r["xlate_sport"] != want.port ||
+			r["action"] != "masquerade" || source != want.source || r["src"] != "10.244.0.2" || r["sport"] != 4000.0 {
+			t.Errorf("nat record %d: %v", i, r)
+		}
+	}
+	if nats[1]["policy_hash"] != h.a.Policy().Hash() {
+		t.Errorf("fallback nat record names policy %v, want the installed %s", nats[1]["policy_hash"], h.a.Policy().Hash())
+	}
+	exp.mu.Lock()
+	defer exp.mu.Unlock()
+	ids := func(fs []conntrack.Flow) (out []uint32) {
+		for _, f := range fs {
+			out = append(out, f.ID)
+		}
+		return out
+	}
+	if got := ids(exp.created); !slices.Equal(got, []uint32{1, 2}) {
+		t.Errorf("exported creations of flows %v, want [1 2]", got)
+	}
+	if got := ids(exp.deleted); !slices.Equal(got, []uint32{1, 2}) {
+		t.Errorf("exported ends of flows %v, want [1 2]", got)
+	}
+}
+
+// With nat records off, no new-flow record is written.
+func TestNatRecordsOff(t *testing.T) {
+	h := newHarness(t, config10, nil)
+	h.reload("start")
+	news := make(chan conntrack.Event, 1)
+	news <- conntrack.Event{Type: conntrack.EventNew, Flow: conntrack.Flow{ID: 1, Proto: 17, Mark: mark.Default.Masquerade,
+		Orig:  conntrack.Tuple{Src: netip.MustParseAddrPort("10.244.0.2:4000"), Dst: netip.MustParseAddrPort("8.8.8.8:53")},
+		Reply: conntrack.Tuple{Src: netip.MustParseAddrPort("8.8.8.8:53"), Dst: netip.MustParseAddrPort("192.168.77.1:4000")}}}
+	close(news)
+	h.a.audit.consumeNew(news)
+	if recs := h.records(); len(recs) != 0 {
+		t.Errorf("records with nat records off: %v", recs)
+	}
+}

@@ -20,9 +20,14 @@ import (
 // conntrack destroys. Nothing here blocks the dataplane: the logger drops
 // and counts when its buffer is full.
 type audit struct {
-	a       *Agent
-	log     *flowlog.Logger
-	ct      *conntrack.Listener
+	a   *Agent
+	log *flowlog.Logger
+	ct  *conntrack.Listener
+	// news carries conntrack's new-flow events, for nat records and the
+	// NAT exporter; nil when neither is on.
+	news *conntrack.Listener
+	// exp, when not nil, exports NAT session events (IPFIX).
+	exp     NATExporter
 	wg      sync.WaitGroup
 	skipped prometheus.Counter
 
@@ -48,7 +53,7 @@ func newAudit(a *Agent) (*audit, error) {
 		return nil, fmt.Errorf("--flow-log: %w", err)
 	}
 	au := &audit{
-		a: a, log: lg,
+		a: a, log: lg, exp: a.cfg.Exporter,
 		skipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "nfmasq_conntrack_flows_ignored_total",
 			Help: "Destroyed pod flows with no decision mark (started before the rules, or to the node itself).",
@@ -67,10 +72,28 @@ func newAudit(a *Agent) (*audit, error) {
 	return au, nil
 }
 
+// NATExporter exports the translations of masqueraded pod flows (the
+// IPFIX exporter). Both calls are made on the conntrack readers'
+// goroutines and must not block.
+type NATExporter interface {
+	// Created reports a masqueraded flow conntrack confirmed.
+	Created(f *conntrack.Flow)
+	// Deleted reports the end of a masqueraded flow, with its counters.
+	Deleted(f *conntrack.Flow)
+	// Lost reports n events lost before they reached the exporter.
+	Lost(n uint64)
+}
+
+// natRecords reports whether nat records are written.
+func (au *audit) natRecords() bool {
+	return au.a.cfg.NatRecords && !au.log.Off()
+}
+
 // start turns conntrack accounting on and listens for destroyed flows,
-// unless the flow log is off.
+// unless the flow log is off and nothing is exported; and for new flows
+// when nat records or the exporter are on.
 func (au *audit) start() error {
-	if au.a.cfg.FlowLog.Sink.Kind == flowlog.SinkOff {
+	if au.log.Off() && au.exp == nil {
 		return nil
 	}
 	log := au.a.log
@@ -94,7 +117,111 @@ func (au *audit) start() error {
 		defer au.wg.Done()
 		au.consume(ct.Events())
 	}()
+	if !au.natRecords() && au.exp == nil {
+		return nil
+	}
+	lost := func() {
+		if au.natRecords() {
+			lg.ReportLost(flowlog.ReasonKernelOverrun, flowlog.KindNat, 1)
+		}
+		if au.exp != nil {
+			au.exp.Lost(1)
+		}
+	}
+	news, err := conntrack.Listen(conntrack.Config{
+		PodCIDRs:  au.a.cfg.Dataplane.PodCIDRs,
+		NewOnly:   true,
+		OnOverrun: lost,
+		OnDrop: func(ev conntrack.Event) {
+			if !ev.Flow.Masqueraded() {
+				return // would have been no record
+			}
+			if au.natRecords() {
+				lg.ReportLost(flowlog.ReasonOverflow, flowlog.KindNat, 1)
+			}
+			if au.exp != nil {
+				au.exp.Lost(1)
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("conntrack new-flow events for nat records: %w", err)
+	}
+	au.news = news
+	au.wg.Add(1)
+	go func() {
+		defer au.wg.Done()
+		au.consumeNew(news.Events())
+	}()
 	return nil
+}
+
+// consumeNew writes a nat record, and exports a create event, for each
+// masqueraded flow the agent or the kernel fallback decided, until events
+// is closed.
+func (au *audit) consumeNew(events <-chan conntrack.Event) {
+	marks := au.a.cfg.Dataplane.Marks
+	write := au.natRecords()
+	for ev := range events {
+		f := &ev.Flow
+		if ev.Type != conntrack.EventNew || !f.Masqueraded() {
+			continue
+		}
+		class := marks.Classify(f.Mark)
+		switch class {
+		case mark.AgentMasquerade, mark.AgentPassthrough, mark.KernelFallback:
+		default:
+			continue // not a flow nfmasq decided
+		}
+		if au.exp != nil {
+			au.exp.Created(f)
+		}
+		if !write {
+			continue
+		}
+		rec := flowlog.Record{
+			Kind:        flowlog.KindNat,
+			Time:        au.a.clock.Now(),
+			Proto:       f.Proto,
+			Src:         f.Orig.Src,
+			Dst:         f.Orig.Dst,
+			Pod:         au.a.podName(f.Orig.Src.Addr()),
+			Action:      nat.Masquerade.String(),
+			Xlate:       f.Translated(),
+			ConntrackID: f.ID,
+		}
+		if class == mark.KernelFallback {
+			au.fallbackPolicy(&rec, f, false)
+		}
+		au.logNamed(rec)
+	}
+}
+
+// fallbackPolicy fills in what the kernel fallback chain decided f by: it
+// is written from the installed policy, so that policy names the prefix.
+func (au *audit) fallbackPolicy(rec *flowlog.Record, f *conntrack.Flow, prefix bool) {
+	rec.Source = "kernel-fallback"
+	if v := au.a.installed.Load(); v != nil {
+		if prefix {
+			rec.Prefix = v.policy.Decide(f.Orig.Dst.Addr()).Prefix
+		}
+		rec.PolicyHash = v.policy.Hash()
+		rec.PolicyGeneration = v.generation
+	}
+}
+
+// logNamed writes rec, after waiting for its pod's name when no pod is
+// known for its source yet and records wait (Config.PodWait).
+func (au *audit) logNamed(rec flowlog.Record) {
+	if rec.Pod == "" && au.unnamed != nil {
+		select {
+		case au.unnamed <- rec:
+			return
+		default:
+			au.podWait.WithLabelValues("full").Inc()
+		}
+	}
+	au.log.Log(rec)
 }
 
 // Decided implements queue.Observer: one decision record per decided flow,
@@ -123,15 +250,7 @@ func (au *audit) Decided(ev *queue.Event) {
 		rec.PolicyHash = pol.Hash()
 		rec.PolicyGeneration, _ = au.a.cur.Load().generationOf(pol)
 	}
-	if rec.Pod == "" && au.unnamed != nil {
-		select {
-		case au.unnamed <- rec:
-			return
-		default:
-			au.podWait.WithLabelValues("full").Inc()
-		}
-	}
-	au.log.Log(rec)
+	au.logNamed(rec)
 }
 
 // waiting is a decision record waiting for its pod's name.
@@ -231,17 +350,13 @@ func (au *audit) consume(events <-chan conntrack.Event) {
 			rec.Kind = flowlog.KindEnd
 		case mark.KernelFallback:
 			rec.Kind = flowlog.KindFallback
-			rec.Source = "kernel-fallback"
-			if v := au.a.installed.Load(); v != nil {
-				// What the fallback chain matched: it is written from
-				// the installed policy, so that policy names the prefix.
-				rec.Prefix = v.policy.Decide(f.Orig.Dst.Addr()).Prefix
-				rec.PolicyHash = v.policy.Hash()
-				rec.PolicyGeneration = v.generation
-			}
+			au.fallbackPolicy(&rec, f, true)
 		default:
 			au.skipped.Inc()
 			continue
+		}
+		if au.exp != nil && f.Masqueraded() {
+			au.exp.Deleted(f)
 		}
 		au.log.Log(rec)
 	}
@@ -253,8 +368,11 @@ func (au *audit) Close() {
 	au.closeOnce.Do(func() {
 		if au.ct != nil {
 			au.ct.Close()
-			au.wg.Wait()
 		}
+		if au.news != nil {
+			au.news.Close()
+		}
+		au.wg.Wait()
 		if au.unnamed != nil {
 			close(au.stopNaming)
 			<-au.namerDone
@@ -267,7 +385,7 @@ var (
 	descFlowWritten = prometheus.NewDesc("nfmasq_flowlog_records_total", "Flow records written, by kind.", []string{"kind"}, nil)
 	descFlowDropped = prometheus.NewDesc("nfmasq_flowlog_dropped_total", "Flow records not written, by reason and kind (every reason but sampled is reported in a gap record).", []string{"reason", "kind"}, nil)
 	descFlowErrors  = prometheus.NewDesc("nfmasq_flowlog_write_errors_total", "Failed writes to the flow log sink.", nil, nil)
-	descCTOverruns  = prometheus.NewDesc("nfmasq_conntrack_event_overruns_total", "Conntrack event socket overruns (events lost in the kernel).", nil, nil)
+	descCTOverruns  = prometheus.NewDesc("nfmasq_conntrack_event_overruns_total", "Conntrack event socket overruns (events lost in the kernel), by socket: destroy (end and fallback records) or new (nat records and NAT export).", []string{"events"}, nil)
 )
 
 // auditCollector exports the flow log's and the conntrack listener's
@@ -295,7 +413,10 @@ func (c auditCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descFlowErrors, prometheus.CounterValue, float64(s.WriteErrors))
 	if c.au.ct != nil {
-		ch <- prometheus.MustNewConstMetric(descCTOverruns, prometheus.CounterValue, float64(c.au.ct.Stats().Overruns))
+		ch <- prometheus.MustNewConstMetric(descCTOverruns, prometheus.CounterValue, float64(c.au.ct.Stats().Overruns), "destroy")
+	}
+	if c.au.news != nil {
+		ch <- prometheus.MustNewConstMetric(descCTOverruns, prometheus.CounterValue, float64(c.au.news.Stats().Overruns), "new")
 	}
 	c.au.skipped.Collect(ch)
 	c.au.podWait.Collect(ch)

@@ -481,3 +481,36 @@ func TestDeleteStale(t *testing.T) {
 		t.Error("DeleteStale accepted an empty protocol list")
 	}
 }
+
+// TestNewOnly: a NewOnly listener delivers the creation of flows and
+// nothing of their destruction, which a listener of its own carries.
+func TestNewOnly(t *testing.T) {
+	netnstest.Require(t)
+	ns := netnstest.New(t, "ctnew")
+	news := listen(t, Config{NetNS: ns.FD(), NewOnly: true})
+	ends := listen(t, Config{NetNS: ns.FD()})
+	createUDP(t, ns.FD(), sandbox.Internet4, 3000, 2, mark.Default.Masquerade)
+	if _, err := DeleteStale(context.Background(), ns.FD(), func(Flow) bool { return true }, []uint8{17}); err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range collect(t, news, 2, func(Event) bool { return true }) {
+		if ev.Type != EventNew || ev.Flow.Orig.Dst.Addr() != sandbox.Internet4 || ev.Flow.ID == 0 || ev.Flow.Mark != mark.Default.Masquerade {
+			t.Errorf("NewOnly listener delivered %v %v", ev.Type, ev.Flow)
+		}
+	}
+	for _, ev := range collect(t, ends, 2, func(Event) bool { return true }) {
+		if ev.Type != EventDestroy {
+			t.Errorf("default listener delivered %v %v", ev.Type, ev.Flow)
+		}
+	}
+	// Both destroy events have been read, so a stray one on the NewOnly
+	// socket would be there by now.
+	select {
+	case ev := <-news.Events():
+		t.Errorf("NewOnly listener delivered %v %v after the two new flows", ev.Type, ev.Flow)
+	default:
+	}
+	if _, err := Listen(Config{NetNS: ns.FD(), Reliable: true, NewOnly: true}); err == nil {
+		t.Error("Reliable with NewOnly accepted")
+	}
+}

@@ -55,6 +55,10 @@ type Config struct {
 	PodCIDRs []netip.Prefix
 	// New also delivers EventNew; by default only destroyed flows are.
 	New bool
+	// NewOnly delivers EventNew and nothing else. A socket of its own for
+	// new-flow events keeps a burst of them from overrunning the socket
+	// that carries destroy events, and tells which kind an overrun lost.
+	NewOnly bool
 	// Buffer is the capacity of the Events channel (DefaultBuffer).
 	Buffer int
 	// ReadBuffer is the socket receive buffer in bytes (DefaultReadBuffer);
@@ -66,8 +70,8 @@ type Config struct {
 	// NETLINK_NO_ENOBUFS, as conntrackd's reliable mode). No destroy event
 	// is then lost, but a destroyed entry the listener has not yet read
 	// still counts against nf_conntrack_max: a reader that falls far
-	// behind could fill the table. Cannot be combined with New, whose
-	// losses would then go unreported.
+	// behind could fill the table. Cannot be combined with New or
+	// NewOnly, whose losses would then go unreported.
 	Reliable bool
 	// OnOverrun, if set, is called on the reader goroutine after each
 	// socket overrun: the kernel dropped at least one event. It must not

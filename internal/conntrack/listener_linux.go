@@ -38,7 +38,7 @@ func Listen(cfg Config) (*Listener, error) {
 	if cfg.Buffer < 0 || cfg.ReadBuffer < 0 {
 		return nil, errors.New("conntrack listener buffers must not be negative")
 	}
-	if cfg.Reliable && cfg.New {
+	if cfg.Reliable && (cfg.New || cfg.NewOnly) {
 		return nil, errors.New("conntrack listener: Reliable cannot be combined with New: lost new-flow events would go unreported")
 	}
 	if cfg.Buffer == 0 {
@@ -79,8 +79,11 @@ func setUp(conn *netlink.Conn, cfg Config) (*nl.Receiver, error) {
 			}
 		}
 	}
-	groups := []netfilter.NetlinkGroup{netfilter.GroupCTDestroy}
-	if cfg.New {
+	var groups []netfilter.NetlinkGroup
+	if !cfg.NewOnly {
+		groups = append(groups, netfilter.GroupCTDestroy)
+	}
+	if cfg.New || cfg.NewOnly {
 		groups = append(groups, netfilter.GroupCTNew)
 	}
 	for _, g := range groups {

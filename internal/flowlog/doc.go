@@ -1,6 +1,7 @@
 // Package flowlog writes the per-flow audit trail: one JSON object per line
-// for every NAT decision the agent makes ("decision"), every flow conntrack
-// destroys ("end", or "fallback" when the kernel fallback decided it), and a
+// for every NAT decision the agent makes ("decision"), every masqueraded
+// flow conntrack confirms, with the translated source ("nat"), every flow
+// conntrack destroys ("end", or "fallback" when the kernel fallback decided it), and a
 // "gap" record whenever records could not be written, so that the trail
 // never has a silent hole. The schema is Record; docs/flow-log.md is its
 // reference.

@@ -82,6 +82,33 @@ var (
 				Action: "passthrough", Source: "kernel-fallback", ConntrackID: 100,
 			},
 		},
+		"nat": {
+			{
+				Kind: KindNat, Time: t0.Add(200 * time.Microsecond), Node: "node-a", Proto: 17,
+				Src: netip.MustParseAddrPort("10.244.0.2:53001"),
+				Dst: netip.MustParseAddrPort("11.0.0.10:53"),
+				Pod: "default/web-5d9c7", Action: "masquerade",
+				Xlate:       netip.MustParseAddrPort("192.168.77.1:61417"),
+				ConntrackID: 3735928559,
+			},
+			{
+				Kind: KindNat, Time: t0, Node: "node-a", Proto: 6,
+				Src:    netip.MustParseAddrPort("[fd00:10:244::2]:40300"),
+				Dst:    netip.MustParseAddrPort("[2001:db8:100::10]:443"),
+				Action: "masquerade",
+				Xlate:  netip.MustParseAddrPort("[fd00:77::1]:40300"), ConntrackID: 18,
+			},
+			{
+				// Decided by the kernel fallback while the agent was busy.
+				Kind: KindNat, Time: t0, Node: "node-a", Proto: 6,
+				Src: netip.MustParseAddrPort("10.244.0.7:38000"),
+				Dst: netip.MustParseAddrPort("11.0.0.10:80"),
+				Pod: "default/batch-x", Action: "masquerade", Source: "kernel-fallback",
+				PolicyHash: "3f1a9c0d5e7b2a41", PolicyGeneration: 4,
+				Xlate:       netip.MustParseAddrPort("192.168.77.1:1025"),
+				ConntrackID: 99,
+			},
+		},
 		"gap": {
 			{
 				Kind: KindGap, Time: t0, Node: "node-a",
@@ -90,6 +117,7 @@ var (
 					d[ReasonOverflow][KindEnd] = 31
 					d[ReasonWriteError][KindFallback] = 2
 					d[ReasonKernelOverrun][KindEnd] = 1
+					d[ReasonKernelOverrun][KindNat] = 2
 					return d
 				}()},
 			},

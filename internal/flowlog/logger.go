@@ -49,6 +49,8 @@ type Options struct {
 	MaxFileMB int
 	// MaxFiles is how many rotated files a file sink keeps (DefaultMaxFiles).
 	MaxFiles int
+	// Compress gzips a file sink's rotated files.
+	Compress bool
 	// Linger is how long a busy writer lets records gather before it
 	// writes them (DefaultLinger): records reach the sink at most this
 	// late, and the dataplane never wakes the writer while it is busy.
@@ -215,13 +217,16 @@ func orDefault[T int | time.Duration](v, def T) T {
 	return v
 }
 
+// Off reports whether the Logger discards every record (SinkOff).
+func (l *Logger) Off() bool { return l.off }
+
 // Log encodes r into the buffer and returns at once. It never blocks, and does
 // not allocate once the buffer has grown to its working size: when the
 // record is sampled out, over the ceiling or finds the buffer full, it is
 // counted as dropped instead. Records of kind
 // KindGap or of unknown kinds are ignored: gap records are the Logger's own.
 func (l *Logger) Log(r Record) {
-	if l.off || r.Kind >= KindGap {
+	if l.off || r.Kind == KindGap || r.Kind >= NumKinds {
 		return
 	}
 	if r.Kind == KindDecision && l.sample > 1 {

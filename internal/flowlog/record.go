@@ -24,12 +24,15 @@ const (
 	KindFallback
 	// KindGap is written by the Logger after records were lost.
 	KindGap
+	// KindNat is written when conntrack confirms a masqueraded flow: the
+	// kernel has chosen its translated source address and port.
+	KindNat
 
 	// NumKinds is the number of kinds, the length of Stats arrays.
 	NumKinds = iota
 )
 
-var kindNames = [NumKinds]string{"decision", "end", "fallback", "gap"}
+var kindNames = [NumKinds]string{"decision", "end", "fallback", "gap", "nat"}
 
 // String returns the kind as written in the "kind" field.
 func (k Kind) String() string {
@@ -88,7 +91,8 @@ func (r Reason) Lost() bool { return r != ReasonSampled }
 // only encoder. Zero values mean "unknown" and are left out of the line.
 type Record struct {
 	Kind Kind
-	// Time is when the event happened: the decision, or the flow's
+	// Time is when the event happened: the decision, the translation
+	// (when the agent read conntrack's new-flow event), or the flow's
 	// destruction. Log fills it in when zero.
 	Time time.Time
 	// Node is the node name; the Logger fills it from Options.Node when empty.

@@ -91,6 +91,7 @@ func openSink(s Sink, opts *Options) (io.Writer, io.Closer, error) {
 			Filename:   s.Path,
 			MaxSize:    opts.MaxFileMB,
 			MaxBackups: opts.MaxFiles,
+			Compress:   opts.Compress,
 		}
 		return lj, lj, nil
 	default:
