@@ -55,6 +55,8 @@ type options struct {
 	reloadReps   int
 	cpuRates     []float64
 	pollReps     int
+	variants     []variant
+	variantReps  int
 	seed         uint64
 	dst          netip.Addr
 	tmp          string
@@ -83,6 +85,7 @@ var shortPreset = map[string]string{
 	"reload-reps":   "1",
 	"cpu-rates":     "0,1000",
 	"poll-reps":     "1",
+	"variant-reps":  "1",
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -129,6 +132,9 @@ the markdown report from one.
 	fs.IntVar(&o.reloadReps, "reload-reps", 3, "reload measurements")
 	cpuRates := fs.String("cpu-rates", "0,1000,10000,50000,150000", "steady new-flow rates at which the agent's CPU is measured, with and without busy polling")
 	fs.IntVar(&o.pollReps, "poll-reps", 3, "repetitions of the busy-polling comparison (0: skip it)")
+	variants := fs.String("variants", "nat-records=--flow-log-nat",
+		"agent variants whose sustained new flows/s is compared with the defaults in the same repetitions: NAME=FLAGS, separated by ';'")
+	fs.IntVar(&o.variantReps, "variant-reps", 3, "repetitions of the variant comparison (0: skip it)")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the generated CIDR lists")
 	dst := fs.String("dst", "11.0.0.10", "destination of the test flows (in the remote namespace; must be masqueraded)")
 	fs.StringVar(&o.tmp, "tmp", "", "working directory for configs, agent logs and flow logs (default: a new temporary one)")
@@ -163,6 +169,9 @@ the markdown report from one.
 	if o.cpuRates, err = parseRates(*cpuRates); err != nil {
 		return o, fmt.Errorf("-cpu-rates: %w", err)
 	}
+	if o.variants, err = parseVariants(*variants); err != nil {
+		return o, fmt.Errorf("-variants: %w", err)
+	}
 	o.agentArgs = strings.Fields(*agentArgs)
 	if o.marks, err = agentMarks(o.agentArgs); err != nil {
 		return o, fmt.Errorf("-agent-args: %w", err)
@@ -177,6 +186,32 @@ the markdown report from one.
 		return o, errors.New("-reps, -trial-seconds, -min-flows, -max-trials, -connects and -tcp-transfers must be positive, -max-flows at least -min-flows")
 	}
 	return o, nil
+}
+
+// variant is an agent run with extra flags, compared with the defaults.
+type variant struct {
+	name  string
+	flags []string
+}
+
+// parseVariants parses "NAME=FLAGS;NAME=FLAGS".
+func parseVariants(s string) ([]variant, error) {
+	var out []variant
+	for _, part := range strings.Split(s, ";") {
+		if strings.TrimSpace(part) == "" {
+			continue
+		}
+		name, flags, ok := strings.Cut(part, "=")
+		name = strings.TrimSpace(name)
+		switch {
+		case !ok || name == "" || strings.TrimSpace(flags) == "":
+			return nil, fmt.Errorf("%q: want NAME=FLAGS", part)
+		case name == VariantDefaults || slices.ContainsFunc(out, func(v variant) bool { return v.name == name }):
+			return nil, fmt.Errorf("%q: variant name used twice (or %q, the baseline's)", name, VariantDefaults)
+		}
+		out = append(out, variant{name: name, flags: strings.Fields(flags)})
+	}
+	return out, nil
 }
 
 // agentMarks returns the marks the agent will use: mark.Default, or

@@ -212,13 +212,30 @@ func (b *bench) measure(ctx context.Context, r *running, s *Sample) error {
 			return err
 		}
 		fl := &FlowLog{Written: map[string]float64{}}
-		for _, kind := range []string{"decision", "end", "fallback", "gap"} {
+		for _, kind := range []string{"decision", "nat", "end", "fallback", "gap"} {
 			fl.Written[kind], _ = metricSum(m, "nfmasq_flowlog_records_total", `kind="`+kind+`"`)
 		}
 		fl.Dropped, _ = metricSum(m, "nfmasq_flowlog_dropped_total")
 		s.FlowLog = fl
 	}
 	return nil
+}
+
+// variantSample measures the agent's new flows/s with v's extra flags.
+// Each variant's rate search starts from its own previous answer.
+func (b *bench) variantSample(ctx context.Context, v variant, rep int, cfgPath string) (VariantSample, error) {
+	vs := VariantSample{Variant: v.name, Flags: v.flags, Rep: rep}
+	a, err := b.startAgent(ctx, cfgPath, v.flags)
+	if err != nil {
+		return vs, err
+	}
+	b.logf("agent variant %s (rep %d)", v.name, rep)
+	r := &running{name: Agent + " " + v.name, agent: a}
+	vs.NewFlows, err = b.newFlows(ctx, r, 0)
+	if stopErr := b.stop(context.WithoutCancel(ctx), r); err == nil {
+		err = stopErr
+	}
+	return vs, err
 }
 
 // reload measures, with the agent running on a small config and new flows

@@ -228,6 +228,9 @@ func summaryTables(r *Results) string {
 		}
 	}
 
+	if len(r.Variants) > 0 {
+		b.WriteString(variantsTable(r.Variants))
+	}
 	if len(r.Polling) > 0 {
 		b.WriteString(pollingTable(r.Polling))
 	}
@@ -462,6 +465,50 @@ func pollingTable(ps []PollSample) string {
 			}
 		}
 		fmt.Fprintf(&b, " %.1f | %.1f |\n", median(c50), median(c99))
+	}
+	return b.String()
+}
+
+// variantsTable compares agent variants with the defaults: medians over
+// repetitions of the sustained new-flow rate, and the median of the
+// per-repetition ratios.
+func variantsTable(vs []VariantSample) string {
+	var b strings.Builder
+	b.WriteString("\n### Agent variants: sustained new flows/s against the defaults (11 CIDRs)\n\n")
+	b.WriteString("Each repetition measures the defaults and every variant one after the other, in rotated order; " +
+		"the ratio is the variant's rate over the defaults' in the same repetition (median over repetitions). " +
+		"A burst passes only if every flow arrived, was decided and had its flow-log records written.\n\n")
+	b.WriteString("| variant | flags | sustained new flows/s | defaults, same repetitions | ratio |\n|---|---|---:|---:|---:|\n")
+	base := map[int]float64{}
+	var names []string
+	for _, v := range vs {
+		if v.Variant == VariantDefaults {
+			base[v.Rep] = v.NewFlows.Sustained
+		} else if !slices.Contains(names, v.Variant) {
+			names = append(names, v.Variant)
+		}
+	}
+	for _, name := range names {
+		var rates, bases, ratios []float64
+		var flags []string
+		for _, v := range vs {
+			if v.Variant != name {
+				continue
+			}
+			flags = v.Flags
+			rates = append(rates, v.NewFlows.Sustained)
+			if bv, ok := base[v.Rep]; ok {
+				bases = append(bases, bv)
+				if bv > 0 {
+					ratios = append(ratios, v.NewFlows.Sustained/bv)
+				}
+			}
+		}
+		ratioText := "n/a"
+		if len(ratios) > 0 {
+			ratioText = fmt.Sprintf("%.3f", median(ratios))
+		}
+		fmt.Fprintf(&b, "| %s | `%s` | %s | %s | %s |\n", name, strings.Join(flags, " "), rate(median(rates)), rate(median(bases)), ratioText)
 	}
 	return b.String()
 }

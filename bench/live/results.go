@@ -19,14 +19,15 @@ var dataplanes = []string{Agent, Chain, IPSet}
 
 // Results is everything one run measured; the JSON file holds one.
 type Results struct {
-	Machine  Machine      `json:"machine"`
-	Command  string       `json:"command"`
-	Started  time.Time    `json:"started"`
-	Seconds  float64      `json:"seconds"`
-	Settings Settings     `json:"settings"`
-	Samples  []Sample     `json:"samples"`
-	Reloads  []Reload     `json:"reloads"`
-	Polling  []PollSample `json:"polling"`
+	Machine  Machine         `json:"machine"`
+	Command  string          `json:"command"`
+	Started  time.Time       `json:"started"`
+	Seconds  float64         `json:"seconds"`
+	Settings Settings        `json:"settings"`
+	Samples  []Sample        `json:"samples"`
+	Reloads  []Reload        `json:"reloads"`
+	Polling  []PollSample    `json:"polling"`
+	Variants []VariantSample `json:"variants,omitempty"`
 }
 
 // Machine describes where the numbers come from.
@@ -178,6 +179,21 @@ type PollSample struct {
 	CPU     []CPUAt  `json:"cpu"`
 	Connect Connect  `json:"connect"`
 }
+
+// VariantSample is the agent's new-flow rate measured once with extra
+// flags (a variant) or with none (VariantDefaults), at 11 CIDRs; every
+// variant is measured in each repetition, in rotated order, so that the
+// ratio of a variant to the defaults is paired.
+type VariantSample struct {
+	Variant  string   `json:"variant"`
+	Flags    []string `json:"flags"` // added to the benchmark's agent flags
+	Rep      int      `json:"rep"`
+	NewFlows NewFlows `json:"newFlows"`
+}
+
+// VariantDefaults names the agent run without extra flags in the variant
+// comparison.
+const VariantDefaults = "defaults"
 
 // CPUAt is the agent's CPU time while new flows arrive at a steady rate.
 type CPUAt struct {

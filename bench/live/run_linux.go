@@ -117,6 +117,31 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		}
 	}
 
+	if o.variantReps > 0 && len(o.variants) > 0 && slices.Contains(o.dataplanes, Agent) {
+		list, err := nonMasqueradeList(len(nat.DefaultNonMasqueradeCIDRs(true)), o.seed)
+		if err != nil {
+			return res, err
+		}
+		cfgPath, _, err := writeConfig(filepath.Join(o.tmp, "variants"), list)
+		if err != nil {
+			return res, err
+		}
+		all := append([]variant{{name: VariantDefaults}}, o.variants...)
+		for rep := 0; rep < o.variantReps; rep++ {
+			for i := range all {
+				v := all[(i+rep)%len(all)]
+				vs, err := b.variantSample(ctx, v, rep, cfgPath)
+				if err != nil {
+					return res, fmt.Errorf("variant %s: %w", v.name, err)
+				}
+				res.Variants = append(res.Variants, vs)
+				if err := saveNow(); err != nil {
+					return res, err
+				}
+			}
+		}
+	}
+
 	if o.reloadCIDRs > 0 && slices.Contains(o.dataplanes, Agent) {
 		small, err := nonMasqueradeList(len(nat.DefaultNonMasqueradeCIDRs(true)), o.seed)
 		if err != nil {

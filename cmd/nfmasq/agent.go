@@ -224,8 +224,9 @@ func (f *flowLogFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.buffer, "flow-log-buffer", flowlog.DefaultBuffer, "records that may wait for a slow sink before records are dropped (and a gap record written)")
 	fs.DurationVar(&f.podWait, "flow-log-pod-wait", 2*time.Second,
 		"longest a decision record waits for its pod's name when kubelet has not published the new pod's address yet (0: write it unnamed at once); the verdict never waits")
-	fs.BoolVar(&f.nat, "flow-log-nat", true,
-		"write a nat record with the translated source address and port when a masqueraded flow starts (nfmasq who answers from them while the flow is open)")
+	fs.BoolVar(&f.nat, "flow-log-nat", false,
+		"write a nat record with the translated source address and port when a masqueraded flow starts, so that nfmasq who attributes flows still open; "+
+			"costs about a quarter of the peak new-flow rate (docs/benchmarks.md)")
 	fs.BoolVar(&f.compress, "flow-log-compress", false, "gzip rotated flow log files (nfmasq who reads them)")
 }
 

@@ -514,7 +514,7 @@ func TestAuditDecisionAndEndRecords(t *testing.T) {
 	dir := t.TempDir()
 	cfg := writeConfig(t, dir, auditConfig)
 	logPath := filepath.Join(dir, "flows.jsonl")
-	a := startAgent(t, top, "--config", cfg, "--flow-log", "file:"+logPath, "--flow-log-node", "audit-node")
+	a := startAgent(t, top, "--config", cfg, "--flow-log", "file:"+logPath, "--flow-log-node", "audit-node", "--flow-log-nat")
 	read := readFileFunc(t, logPath)
 
 	const dport = 7500
@@ -663,6 +663,27 @@ func TestAuditDecisionAndEndRecords(t *testing.T) {
 	// (with --random-fully, the default, it translates every port).
 	if translated == 0 {
 		t.Errorf("no masqueraded end record shows a translated port; the xlate_sport check proved nothing")
+	}
+	// nfmasq who names each masqueraded flow's pod address from the
+	// translated source the remote saw, in the middle of the flow.
+	for _, f := range flows {
+		e := ends[f.key()]
+		if f.action != "masquerade" || e.XlateSport == nil || e.Start == nil {
+			continue
+		}
+		xlate := netip.AddrPortFrom(netip.MustParseAddr(e.XlateSrc), *e.XlateSport)
+		at := e.Start.Add(e.Time.Sub(*e.Start) / 2).Format(time.RFC3339Nano)
+		stdout, stderr, code := nfmasq(t, "who", "--translated", xlate.String(), "--at", at, "--proto", f.proto, "--tolerance", "0s", logPath)
+		var got []flowRec
+		if code == 0 {
+			var err error
+			if got, err = parseFlowLog([]byte(stdout)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if len(got) != 1 || got[0].Src != f.src.Addr().String() || got[0].Sport != f.src.Port() || got[0].ConntrackID != e.ConntrackID || got[0].Prefix != f.prefix {
+			t.Errorf("%v: nfmasq who --translated %v --at %s: exit %d, %s %s", f.key(), xlate, at, code, stdout, stderr)
+		}
 	}
 	t.Logf("%d flows: %d decision, %d nat and %d end records; %d masqueraded flows had their source port translated", len(flows), len(decisions), len(nats), len(ends), translated)
 }

@@ -419,7 +419,7 @@ func TestHardenOverload(t *testing.T) {
 	netnstest.Require(t, "iptables-restore", "ip6tables-restore", "conntrack")
 	top := netnstest.NewTopology(t)
 	flowLog := filepath.Join(t.TempDir(), "flows.log")
-	a := startAgent(t, top, "--config", writeConfig(t, t.TempDir(), hardenConfig), "--flow-log", "file:"+flowLog)
+	a := startAgent(t, top, "--config", writeConfig(t, t.TempDir(), hardenConfig), "--flow-log", "file:"+flowLog, "--flow-log-nat")
 	// Several destination ports: masquerading draws every flow to one
 	// destination address and port from one source port range
 	// (--to-ports, 32768 ports), which a long burst would exhaust.

@@ -47,6 +47,7 @@ config file and GKE's semantics, and the kernel applies the decision.`,
 		newRulesCmd(),
 		newUninstallCmd(),
 		newVersionCmd(),
+		newWhoCmd(),
 	)
 	usageErrors(root)
 	return root
