@@ -17,8 +17,8 @@ import (
 
 type whoFlags struct {
 	translated, at, since, until, proto, pod, dst string
-	tolerance                                   time.Duration
-	maxOpen                                     int
+	tolerance                                     time.Duration
+	maxOpen                                       int
 }
 
 func newWhoCmd() *cobra.Command {

@@ -23,25 +23,22 @@ const (
 // record is the part of one flow-log line nfmasq who reads. Byte slices
 // point into the line and live only until the next line is read.
 type record struct {
-	kind                kind
-	time                time.Time
-	proto               []byte
-	src, dst            netip.AddrPort
-	pod                 []byte
-	action              []byte
-	xlate               netip.AddrPort
-	conntrackID         uint32
-	start               time.Time // end, fallback: when conntrack created the flow
-	gapDropped          uint64    // gap: records lost in all
-	gapStart, gapEnd    time.Time
-	hasPod, hasXlate    bool
-	podEscaped, badPort bool
+	kind             kind
+	time             time.Time
+	proto            []byte
+	src, dst         netip.AddrPort
+	pod              []byte
+	action           []byte
+	xlate            netip.AddrPort
+	conntrackID      uint32
+	start            time.Time // end, fallback: when conntrack created the flow
+	gapDropped       uint64    // gap: records lost in all
+	gapStart, gapEnd time.Time
+	hasPod, hasXlate bool
+	podEscaped       bool
 }
 
-var (
-	errNoKind  = errors.New("no kind")
-	errBadFlow = errors.New("flow record without proto, src or dst")
-)
+var errBadFlow = errors.New("flow record without proto, src or dst")
 
 // parse reads line into r. Unknown members are ignored, as the schema
 // asks of readers; a known member of the wrong type makes the line

@@ -117,9 +117,9 @@ type Joiner struct {
 
 	open   map[key]*state
 	closed map[key]*state // ended, held for Window of log time
-	order  []*state           // open flows in the order they began (lazily compacted)
-	ended  []*state           // closed flows in the order they ended
-	mark   time.Time          // the latest record time seen
+	order  []*state       // open flows in the order they began (lazily compacted)
+	ended  []*state       // closed flows in the order they ended
+	mark   time.Time      // the latest record time seen
 	rec    record
 }
 
