@@ -14,9 +14,11 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"k8s.io/klog/v2"
 
 	"github.com/nfmasq/nfmasq/internal/agent"
 	"github.com/nfmasq/nfmasq/internal/flowlog"
+	"github.com/nfmasq/nfmasq/internal/ipfix"
 	"github.com/nfmasq/nfmasq/internal/kube"
 	"github.com/nfmasq/nfmasq/internal/rules"
 	"github.com/nfmasq/nfmasq/nat"
@@ -37,6 +39,44 @@ type agentFlags struct {
 	reconcileTCP bool
 	kubeconfig   string
 	flowLog      flowLogFlags
+	ipfix        ipfixFlags
+}
+
+// ipfixFlags configure the IPFIX NAT event exporter.
+type ipfixFlags struct {
+	collector, transport string
+	domain               uint32
+	refresh              time.Duration
+	buffer               int
+}
+
+func (f *ipfixFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&f.collector, "ipfix-collector", "", "export NAT session create and delete events (RFC 8158) to this IPFIX collector HOST:PORT (empty: no export)")
+	fs.StringVar(&f.transport, "ipfix-transport", "udp", "IPFIX transport: udp or tcp")
+	fs.Uint32Var(&f.domain, "ipfix-observation-domain", 0, "IPFIX observation domain ID (0: derived from the node name, so that every node's exporter has its own)")
+	fs.DurationVar(&f.refresh, "ipfix-template-refresh", ipfix.DefaultTemplateRefresh, "how often templates are resent over UDP (a collector that starts late decodes events once it has them)")
+	fs.IntVar(&f.buffer, "ipfix-buffer", ipfix.DefaultBuffer, "NAT events that may wait for the collector before events are dropped (and counted)")
+}
+
+// exporter checks the flags and starts the exporter; nil when off.
+func (f *ipfixFlags) exporter(node string, log *slog.Logger) (*ipfix.Exporter, error) {
+	if f.collector == "" {
+		return nil, nil
+	}
+	if f.refresh < time.Second || f.refresh > time.Hour {
+		return nil, fmt.Errorf("--ipfix-template-refresh %v: must be between 1s and 1h", f.refresh)
+	}
+	if f.buffer < 1 {
+		return nil, fmt.Errorf("--ipfix-buffer %d: must be at least 1", f.buffer)
+	}
+	exp, err := ipfix.New(ipfix.Config{
+		Collector: f.collector, Transport: f.transport, ObservationDomain: f.domain, Node: node,
+		TemplateRefresh: f.refresh, Buffer: f.buffer, Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("--ipfix-collector/--ipfix-transport: %w", err)
+	}
+	return exp, nil
 }
 
 func newAgentCmd() *cobra.Command {
@@ -78,6 +118,7 @@ re-read every resyncInterval; a bad file keeps the last good policy.`,
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "",
 		"kubeconfig for running outside a cluster (pod CIDR discovery, pod names in flow records); in a cluster the service account is used")
 	f.flowLog.register(fs)
+	f.ipfix.register(fs)
 	return cmd
 }
 
@@ -164,6 +205,14 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 			return startupError(fmt.Errorf("--cluster-cidr: %w", err))
 		}
 	}
+	exp, err := f.ipfix.exporter(flowLog.Node, log)
+	if err != nil {
+		return startupError(err)
+	}
+	if exp != nil {
+		klog.SetSlogLogger(log) // go-ipfix logs through klog
+		defer exp.Close()
+	}
 	var metricsLn net.Listener
 	if f.metricsAddr != "" {
 		if metricsLn, err = net.Listen("tcp", f.metricsAddr); err != nil {
@@ -188,6 +237,7 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		FlowLog:      flowLog,
 		PodWait:      f.flowLog.podWait,
 		NatRecords:   f.flowLog.nat,
+		Exporter:     natExporter(exp),
 		Metrics:      metricsLn,
 		Logger:       log,
 	}, deps)
@@ -198,6 +248,14 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		return startupError(se.Err)
 	}
 	return err
+}
+
+// natExporter keeps a nil *ipfix.Exporter from becoming a non-nil interface.
+func natExporter(e *ipfix.Exporter) agent.NATExporter {
+	if e == nil {
+		return nil
+	}
+	return e
 }
 
 // flowLogFlags configure the flow log.

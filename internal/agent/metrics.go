@@ -51,6 +51,9 @@ func newMetrics(a *Agent) *metrics {
 	reg.MustRegister(m.reloadFailures, m.installErrors, m.rulesRestored, m.latency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		policyCollector{a}, conntrackTableCollector{}, auditCollector{a.audit})
+	if c, ok := a.cfg.Exporter.(prometheus.Collector); ok {
+		reg.MustRegister(c)
+	}
 	return m
 }
 
