@@ -132,7 +132,7 @@ the markdown report from one.
 	fs.IntVar(&o.reloadReps, "reload-reps", 3, "reload measurements")
 	cpuRates := fs.String("cpu-rates", "0,1000,10000,50000,150000", "steady new-flow rates at which the agent's CPU is measured, with and without busy polling")
 	fs.IntVar(&o.pollReps, "poll-reps", 3, "repetitions of the busy-polling comparison (0: skip it)")
-	variants := fs.String("variants", "nat-records=--flow-log-nat",
+	variants := fs.String("variants", "nat-records=--flow-log-nat;ipfix-export=--ipfix-collector 192.168.77.2:4739",
 		"agent variants whose sustained new flows/s is compared with the defaults in the same repetitions: NAME=FLAGS, separated by ';'")
 	fs.IntVar(&o.variantReps, "variant-reps", 3, "repetitions of the variant comparison (0: skip it)")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the generated CIDR lists")

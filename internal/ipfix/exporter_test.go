@@ -26,7 +26,7 @@ func TestConfigErrors(t *testing.T) {
 }
 
 func TestDomainOf(t *testing.T) {
-	if DomainOf("node-a") == DomainOf("node-b") || DomainOf("node-a") != DomainOf("node-a") || DomainOf("") == 0 {
+	if a := DomainOf("node-a"); a == DomainOf("node-b") || a != DomainOf(string([]byte("node-a"))) || DomainOf("") == 0 {
 		t.Error("observation domains are not per node and stable")
 	}
 }
