@@ -28,6 +28,7 @@ type Results struct {
 	Reloads  []Reload        `json:"reloads"`
 	Polling  []PollSample    `json:"polling"`
 	Variants []VariantSample `json:"variants,omitempty"`
+	Who      []WhoSample     `json:"who,omitempty"`
 }
 
 // Machine describes where the numbers come from.
@@ -189,6 +190,14 @@ type VariantSample struct {
 	Flags    []string `json:"flags"` // added to the benchmark's agent flags
 	Rep      int      `json:"rep"`
 	NewFlows NewFlows `json:"newFlows"`
+}
+
+// WhoSample is nfmasq who's reader (internal/who) scanning a generated
+// flow log once, on one core.
+type WhoSample struct {
+	Query   string  `json:"query"`
+	Records int     `json:"records"`
+	Seconds float64 `json:"seconds"` // CPU time of the scan
 }
 
 // VariantDefaults names the agent run without extra flags in the variant

@@ -142,6 +142,20 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		}
 	}
 
+	if o.variantReps > 0 {
+		ws, err := whoScan(max(o.variantReps, 3))
+		if err != nil {
+			return res, fmt.Errorf("nfmasq who scan: %w", err)
+		}
+		res.Who = ws
+		for _, w := range ws {
+			b.logf("nfmasq who --%s: %d records in %.3f s of CPU", w.Query, w.Records, w.Seconds)
+		}
+		if err := saveNow(); err != nil {
+			return res, err
+		}
+	}
+
 	if o.reloadCIDRs > 0 && slices.Contains(o.dataplanes, Agent) {
 		small, err := nonMasqueradeList(len(nat.DefaultNonMasqueradeCIDRs(true)), o.seed)
 		if err != nil {

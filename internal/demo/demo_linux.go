@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -28,7 +29,10 @@ import (
 // and prints each decision next to the source the remote host saw.
 // Everything is removed on exit, Ctrl-C included. No traffic leaves the
 // sandbox: the namespaces have no link to the host.
-func Run(ctx context.Context, self string, stdout io.Writer) error {
+//
+// keepLog, when not empty, is where the flow log is copied on exit, for
+// trying nfmasq who on it.
+func Run(ctx context.Context, self string, stdout io.Writer, keepLog string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("the demo creates network namespaces and iptables rules in them: run it as root")
 	}
@@ -64,6 +68,7 @@ func Run(ctx context.Context, self string, stdout io.Writer) error {
 		"--metrics-addr", "127.0.0.1:9741",
 		"--flow-log", "file:"+flowLog,
 		"--flow-log-node", "demo-node",
+		"--flow-log-nat",
 	)
 	agentOut, err := os.Create(filepath.Join(dir, "agent.log"))
 	if err != nil {
@@ -144,11 +149,40 @@ func Run(ctx context.Context, self string, stdout io.Writer) error {
 	if _, err := waitRecords(ctx, flowLog, "end", 4); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "\nflow log records (4 decisions, then 4 flow ends once conntrack removed the flows):\n")
+	fmt.Fprintf(stdout, "\nflow log records (4 decisions, 2 translations as the masqueraded flows started, then 4 flow ends once conntrack removed the flows):\n")
 	raw, _ := os.ReadFile(flowLog)
 	stdout.Write(raw)
+	if err := who(ctx, stdout, self, flowLog, seen); err != nil {
+		return err
+	}
+	if keepLog != "" {
+		if err := os.WriteFile(keepLog, raw, 0o600); err != nil {
+			return fmt.Errorf("--flow-log: %w", err)
+		}
+		fmt.Fprintf(stdout, "\nflow log kept in %s\n", keepLog)
+	}
 	fmt.Fprintln(stdout, "\nsandbox removed.")
 	return nil
+}
+
+// who answers the auditor's question for the masqueraded TCP flow: the
+// internet host saw the node's address and a port; which pod was it?
+func who(ctx context.Context, stdout io.Writer, self, flowLog string, seen []sandbox.Seen) error {
+	for _, s := range seen {
+		if s.Proto != "tcp" || s.Src.Addr() != sandbox.NodeAddr4 {
+			continue
+		}
+		at := time.Now().UTC().Format(time.RFC3339)
+		args := []string{"who", "--translated", s.Src.String(), "--at", at, flowLog}
+		fmt.Fprintf(stdout, "\nwhich pod was behind %s at %s, as the internet host saw it?\n  nfmasq %s\n", s.Src, at, strings.Join(args, " "))
+		out, err := exec.CommandContext(ctx, self, args...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("nfmasq who: %w\n%s", err, out)
+		}
+		fmt.Fprintf(stdout, "  %s", out)
+		return nil
+	}
+	return errors.New("no masqueraded TCP flow seen")
 }
 
 // demoDecision is the part of a flow-log decision record the demo prints.

@@ -367,7 +367,7 @@ func StartTshark(t *testing.T, ns *netns.NS, addr string, port int) *Tshark {
 			}
 			return err
 		})
-		out, _ := exec.Command("tshark", "-r", pcap, "-c", "1").Output()
+		out, _ := exec.Command("tshark", "-r", pcap, "-c1").Output() // the first packet
 		return len(bytes.TrimSpace(out)) > 0
 	})
 	return &Tshark{Daemon: d, pcap: pcap, ln: ln}

@@ -84,6 +84,19 @@ func (j *Joiner) skip(r *record) bool {
 	case q.Translated.IsValid() && r.kind == kindDecision && bytes.Equal(r.action, passthrough):
 		return true // kept its source: no translation to match
 	}
+	// A flow that began after the question's latest time cannot match: a
+	// decision is written when the flow begins, a nat record within
+	// milliseconds (Window is the slack), an end record says when.
+	if latest := j.latest; !latest.IsZero() {
+		switch r.kind {
+		case kindDecision:
+			return r.time.After(latest)
+		case kindNat:
+			return r.time.After(latest.Add(j.opts.Window))
+		case kindEnd, kindFallback:
+			return !r.start.IsZero() && r.start.After(latest)
+		}
+	}
 	return false
 }
 

@@ -3,7 +3,6 @@ package who
 import (
 	"bytes"
 	"encoding/json"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -149,46 +148,18 @@ func BenchmarkScan(b *testing.B) {
 	})
 }
 
-// benchLog is a generated flow log: flows of 250 pods to 1,000
-// destinations, each with its decision, nat and end records, the end
-// written a few thousand flows later, as on a busy node.
-func benchLog(b *testing.B, flows int) []byte {
-	b.Helper()
-	var buf bytes.Buffer
-	const lag = 4096 // flows between a flow's decision and its end
-	at := func(i int) time.Time { return t0.Add(time.Duration(i) * 100 * time.Microsecond) }
-	flow := func(i int) (src, dst, xlate netip.AddrPort) {
-		src = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 244, 0, byte(2 + i%250)}), uint16(32768+i%28000))
-		dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte{11, byte(i % 1000 / 250), byte(i % 250), 10}), 443)
-		xlate = netip.AddrPortFrom(netip.MustParseAddr("192.168.77.1"), uint16(1024+i%60000))
-		return
-	}
-	for i := range flows + lag {
-		if i < flows {
-			src, dst, xlate := flow(i)
-			pod := "default/web-" + strconv.Itoa(i%250)
-			buf.WriteString(rec(decision(src, dst, at(i), pod, "masquerade")))
-			buf.WriteString(rec(natRec(src, dst, xlate, at(i).Add(time.Millisecond), pod, uint32(i+1))))
-		}
-		if e := i - lag; e >= 0 {
-			src, dst, xlate := flow(e)
-			buf.WriteString(rec(endRec(src, dst, xlate, at(e), at(i), "default/web-"+strconv.Itoa(e%250), uint32(e+1))))
-		}
-	}
-	return buf.Bytes()
-}
-
 // BenchmarkWho is nfmasq who's whole pipeline (read, scan, join, match)
 // over a generated log; records/s is per core, as it runs on one.
 func BenchmarkWho(b *testing.B) {
-	data := benchLog(b, 100000)
-	records := bytes.Count(data, []byte("\n"))
+	var buf bytes.Buffer
+	records := SyntheticLog(&buf, SyntheticFlows)
+	data := buf.Bytes()
 	for _, q := range []struct {
 		name string
 		q    Query
 	}{
-		{"translated", Query{Translated: netip.MustParseAddrPort("192.168.77.1:1024"), At: t0.Add(time.Second), Tolerance: time.Second}},
-		{"pod", Query{Pod: "default/web-7"}},
+		{"translated", SyntheticQueries()[0]},
+		{"pod", SyntheticQueries()[1]},
 	} {
 		b.Run(q.name, func(b *testing.B) {
 			b.SetBytes(int64(len(data)))

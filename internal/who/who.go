@@ -120,6 +120,7 @@ type Joiner struct {
 	order  []*state       // open flows in the order they began (lazily compacted)
 	ended  []*state       // closed flows in the order they ended
 	mark   time.Time      // the latest record time seen
+	latest time.Time      // no flow that began after this matches (zero: any)
 	rec    record
 }
 
@@ -132,7 +133,14 @@ func NewJoiner(q Query, opts Options, emit func(*Flow)) *Joiner {
 	if opts.Window <= 0 {
 		opts.Window = DefaultWindow
 	}
-	return &Joiner{q: q, opts: opts, emit: emit, open: map[key]*state{}, closed: map[key]*state{}}
+	j := &Joiner{q: q, opts: opts, emit: emit, open: map[key]*state{}, closed: map[key]*state{}}
+	switch {
+	case !q.At.IsZero():
+		j.latest = q.At.Add(q.Tolerance)
+	case !q.Until.IsZero():
+		j.latest = q.Until.Add(q.Tolerance)
+	}
+	return j
 }
 
 // Stats returns the counters so far.
