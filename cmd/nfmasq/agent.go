@@ -32,6 +32,8 @@ type agentFlags struct {
 	dataplane dataplaneFlags
 
 	metricsAddr  string
+	scrapeAddr   string
+	masqChain    string
 	workers      int
 	busyPoll     time.Duration
 	logFormat    string
@@ -106,6 +108,10 @@ re-read every resyncInterval; a bad file keeps the last good policy.`,
 	f.dataplane.register(fs)
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "127.0.0.1:9741",
 		`address for /metrics, /healthz and /readyz ("" disables); keep it on loopback unless a scraper needs it`)
+	fs.StringVar(&f.scrapeAddr, "metrics-scrape-addr", "",
+		"also serve /metrics (only) on this address, for a cluster's Prometheus: the node's address, e.g. $(HOST_IP):9741 from the downward API (docs/reliability.md)")
+	fs.StringVar(&f.masqChain, "ip-masq-agent-chain", rules.DefaultIPMasqAgentChain,
+		"ip-masq-agent's nat chain (its --masq-chain), looked for at start and every resync: installed beside nfmasq it masquerades too, which is logged and exported as nfmasq_ip_masq_agent_chain (\"\" does not look)")
 	fs.IntVar(&f.workers, "workers", 0, "decision workers per queue (0: decide on each queue's receive goroutine)")
 	fs.DurationVar(&f.busyPoll, "busy-poll", queue.DefaultBusyPoll,
 		"longest a queue's reader polls for the next packet before it sleeps (adaptive; 0 never polls): "+
@@ -220,6 +226,13 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		}
 		defer metricsLn.Close() // after a start-up failure; the agent's server closes it otherwise
 	}
+	var scrapeLn net.Listener
+	if f.scrapeAddr != "" {
+		if scrapeLn, err = net.Listen("tcp", f.scrapeAddr); err != nil {
+			return startupError(fmt.Errorf("--metrics-scrape-addr: %w", err))
+		}
+		defer scrapeLn.Close()
+	}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
 	defer stop()
@@ -228,18 +241,20 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 		deps.Pods = idx
 	}
 	a, err := agent.New(agent.Config{
-		Source:       f.policy.source(),
-		Dataplane:    dp,
-		Backend:      backend,
-		Workers:      f.workers,
-		BusyPoll:     f.busyPoll,
-		ReconcileTCP: f.reconcileTCP,
-		FlowLog:      flowLog,
-		PodWait:      f.flowLog.podWait,
-		NatRecords:   f.flowLog.nat,
-		Exporter:     natExporter(exp),
-		Metrics:      metricsLn,
-		Logger:       log,
+		Source:           f.policy.source(),
+		Dataplane:        dp,
+		Backend:          backend,
+		Workers:          f.workers,
+		BusyPoll:         f.busyPoll,
+		ReconcileTCP:     f.reconcileTCP,
+		IPMasqAgentChain: f.masqChain,
+		FlowLog:          flowLog,
+		PodWait:          f.flowLog.podWait,
+		NatRecords:       f.flowLog.nat,
+		Exporter:         natExporter(exp),
+		Metrics:          metricsLn,
+		Scrape:           scrapeLn,
+		Logger:           log,
 	}, deps)
 	if err == nil {
 		err = a.Run(ctx)
@@ -284,7 +299,7 @@ func (f *flowLogFlags) register(fs *pflag.FlagSet) {
 		"longest a decision record waits for its pod's name when kubelet has not published the new pod's address yet (0: write it unnamed at once); the verdict never waits")
 	fs.BoolVar(&f.nat, "flow-log-nat", false,
 		"write a nat record with the translated source address and port when a masqueraded flow starts, so that nfmasq who attributes flows still open; "+
-			"costs about a quarter of the peak new-flow rate (docs/benchmarks.md)")
+			"costs about 30% of the peak new-flow rate (docs/benchmarks.md)")
 	fs.BoolVar(&f.compress, "flow-log-compress", false, "gzip rotated flow log files (nfmasq who reads them)")
 }
 

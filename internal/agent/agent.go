@@ -36,6 +36,9 @@ type Config struct {
 	// Workers and BusyPoll tune the queue (queue.Config).
 	Workers  int
 	BusyPoll time.Duration
+	// IPMasqAgentChain is the nat chain of an ip-masq-agent still
+	// installed (rules.DefaultIPMasqAgentChain); "" does not look.
+	IPMasqAgentChain string
 	// ReconcileTCP also deletes the conntrack entries of TCP flows whose
 	// decision a policy change changed.
 	ReconcileTCP bool
@@ -58,6 +61,10 @@ type Config struct {
 	// caller binds it before anything touches the kernel, so a bad
 	// address stops the start early.
 	Metrics net.Listener
+	// Scrape, when not nil, serves /metrics only: the opt-in address a
+	// cluster's Prometheus scrapes (the node's), while health stays on
+	// Metrics' loopback address.
+	Scrape net.Listener
 	// Logger receives the agent's log.
 	Logger *slog.Logger
 }
@@ -152,6 +159,7 @@ type Agent struct {
 	lastErr  string       // last distinct config error logged
 	lastWarn string       // last distinct set of warnings logged
 	driftLog bool         // rules drift already reported and not yet restored
+	foreign  atomic.Bool  // ip-masq-agent's chain was found at the last check
 	// rulesPending: the policy in force is newer than the installed
 	// fallback rules (their install failed); every resync retries.
 	rulesPending bool
@@ -246,7 +254,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	if a.cfg.Metrics != nil {
-		srv := a.serveHTTP(a.cfg.Metrics)
+		srv := a.serveHTTP(a.cfg.Metrics, true)
+		defer srv.Shutdown(context.Background())
+	}
+	if a.cfg.Scrape != nil {
+		srv := a.serveHTTP(a.cfg.Scrape, false)
 		defer srv.Shutdown(context.Background())
 	}
 
@@ -318,6 +330,7 @@ func (a *Agent) resyncInterval() time.Duration {
 // the kernel rules match. A bad config keeps the last good policy (and
 // rules); each distinct error is logged once and every failure counted.
 func (a *Agent) reload(ctx context.Context, why string) {
+	a.checkForeign(ctx)
 	pol, warnings, err := a.cfg.Source.Load()
 	if err != nil {
 		a.metrics.reloadFailures.Inc()
@@ -412,6 +425,32 @@ func (a *Agent) installRules(ctx context.Context, why string) bool {
 	a.rulesPending = false
 	a.installed.Store(a.cur.Load())
 	return true
+}
+
+// ForeignDetector finds another masquerade agent's rules
+// (rules.Installer is one).
+type ForeignDetector interface {
+	ForeignMasquerade(ctx context.Context, chain string) []string
+}
+
+// checkForeign looks for ip-masq-agent's chain and POSTROUTING jump: they
+// masquerade whatever nfmasq decides. Found, it is logged once and
+// exported (nfmasq_ip_masq_agent_chain); nfmasq never removes another
+// program's rules.
+func (a *Agent) checkForeign(ctx context.Context) {
+	fd, ok := a.rules.(ForeignDetector)
+	if !ok || a.cfg.IPMasqAgentChain == "" {
+		return
+	}
+	found := fd.ForeignMasquerade(ctx, a.cfg.IPMasqAgentChain)
+	was := a.foreign.Swap(len(found) > 0)
+	switch {
+	case len(found) > 0 && !was:
+		a.log.Warn("ip-masq-agent's chain is installed beside nfmasq: it masquerades flows nfmasq decided to keep their pod address; "+
+			"remove ip-masq-agent (README: Migrating from ip-masq-agent)", "chain", a.cfg.IPMasqAgentChain, "found", found)
+	case len(found) == 0 && was:
+		a.log.Info("ip-masq-agent's chain is gone", "chain", a.cfg.IPMasqAgentChain)
+	}
 }
 
 // checkRules restores the rule set when another process changed it.
@@ -545,9 +584,12 @@ func (a *Agent) shutdown(stopQueue context.CancelFunc, queueErr <-chan error) er
 }
 
 // serveHTTP serves metrics and health on ln.
-func (a *Agent) serveHTTP(ln net.Listener) *http.Server {
+func (a *Agent) serveHTTP(ln net.Listener, health bool) *http.Server {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", a.metrics.handler())
+	if !health {
+		return a.serve(ln, mux)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		if !a.healthy.Load() {
 			http.Error(w, "queue stopped", http.StatusServiceUnavailable)
@@ -562,6 +604,10 @@ func (a *Agent) serveHTTP(ln net.Listener) *http.Server {
 		}
 		fmt.Fprintln(w, "ok")
 	})
+	return a.serve(ln, mux)
+}
+
+func (a *Agent) serve(ln net.Listener, mux *http.ServeMux) *http.Server {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -662,5 +663,51 @@ func TestNatRecordsOff(t *testing.T) {
 	h.a.audit.consumeNew(news)
 	if recs := h.records(); len(recs) != 0 {
 		t.Errorf("records with nat records off: %v", recs)
+	}
+}
+
+// ip-masq-agent's chain beside nfmasq is found at start and at every
+// resync, logged once, exported, and reported gone once removed.
+func TestIPMasqAgentChainDetected(t *testing.T) {
+	var logs netnstest.Buffer
+	h := newHarness(t, config10, func(c *Config) {
+		c.IPMasqAgentChain = rules.DefaultIPMasqAgentChain
+		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	foreign := func() float64 {
+		mfs, err := h.a.metrics.reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "nfmasq_ip_masq_agent_chain" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("nfmasq_ip_masq_agent_chain not exported")
+		return 0
+	}
+	h.reload("start")
+	if foreign() != 0 {
+		t.Fatal("found on a bare node")
+	}
+	payload := "*nat\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT\n-A IP-MASQ-AGENT -d 10.0.0.0/8 -j RETURN\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
+	if _, err := h.rules.Run(context.Background(), []byte(payload), "iptables-nft-restore", "-w", "--noflush"); err != nil {
+		t.Fatal(err)
+	}
+	h.reload("resync")
+	h.reload("resync")
+	if foreign() != 1 {
+		t.Error("ip-masq-agent's chain not reported")
+	}
+	if n := strings.Count(logs.String(), "ip-masq-agent's chain is installed beside nfmasq"); n != 1 {
+		t.Errorf("logged %d times over two resyncs, want once", n)
+	}
+	if _, err := h.rules.Run(context.Background(), []byte("*nat\n-D POSTROUTING -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT\n-F IP-MASQ-AGENT\n-X IP-MASQ-AGENT\nCOMMIT\n"), "iptables-nft-restore", "-w", "--noflush"); err != nil {
+		t.Fatal(err)
+	}
+	h.reload("resync")
+	if foreign() != 0 || !strings.Contains(logs.String(), "ip-masq-agent's chain is gone") {
+		t.Errorf("removal not reported: gauge %v", foreign())
 	}
 }

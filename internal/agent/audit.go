@@ -405,10 +405,11 @@ func (c auditCollector) Collect(ch chan<- prometheus.Metric) {
 	s := c.au.log.Stats()
 	for k := flowlog.Kind(0); k < flowlog.NumKinds; k++ {
 		ch <- prometheus.MustNewConstMetric(descFlowWritten, prometheus.CounterValue, float64(s.Written[k]), k.String())
+		// Every series from the start, zeros included: an alert on
+		// increase() sees the first loss only if the series existed
+		// before it.
 		for r := flowlog.Reason(0); r < flowlog.NumReasons; r++ {
-			if v := s.Dropped[r][k]; v > 0 {
-				ch <- prometheus.MustNewConstMetric(descFlowDropped, prometheus.CounterValue, float64(v), r.String(), k.String())
-			}
+			ch <- prometheus.MustNewConstMetric(descFlowDropped, prometheus.CounterValue, float64(s.Dropped[r][k]), r.String(), k.String())
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(descFlowErrors, prometheus.CounterValue, float64(s.WriteErrors))

@@ -129,6 +129,7 @@ var (
 	descPolicy     = prometheus.NewDesc("nfmasq_policy_info", "The policy in force: its hash (1 while in force).", []string{"hash"}, nil)
 	descPrefixes   = prometheus.NewDesc("nfmasq_policy_prefixes", "Non-masquerade prefixes in the policy in force.", nil, nil)
 	descReady      = prometheus.NewDesc("nfmasq_ready", "1 when rules are installed and the queue is bound.", nil, nil)
+	descForeign    = prometheus.NewDesc("nfmasq_ip_masq_agent_chain", "1 when ip-masq-agent's nat chain and its POSTROUTING jump are installed beside nfmasq (both masquerade), checked at every resync.", nil, nil)
 )
 
 type policyCollector struct{ a *Agent }
@@ -139,6 +140,7 @@ func (c policyCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descPolicy
 	ch <- descPrefixes
 	ch <- descReady
+	ch <- descForeign
 }
 
 func (c policyCollector) Collect(ch chan<- prometheus.Metric) {
@@ -155,6 +157,11 @@ func (c policyCollector) Collect(ch chan<- prometheus.Metric) {
 		ready = 1
 	}
 	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
+	foreign := 0.0
+	if c.a.foreign.Load() {
+		foreign = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descForeign, prometheus.GaugeValue, foreign)
 }
 
 var (

@@ -3,11 +3,14 @@ package who
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -254,5 +257,54 @@ func TestGoldenRecordsScan(t *testing.T) {
 		for _, line := range bytes.Split(bytes.TrimSpace(data), []byte("\n")) {
 			checkOracle(t, line)
 		}
+	}
+}
+
+// Memory stays flat over a long log: the join holds the flows open in it
+// (the synthetic log has 4,096 at a time), not the log. A million records
+// (about 330 MB) are streamed through a pipe while the heap is sampled.
+func TestMemoryFlat(t *testing.T) {
+	if testing.Short() {
+		t.Skip("streams a million records")
+	}
+	pr, pw := io.Pipe()
+	go func() { SyntheticLog(pw, 340000); pw.Close() }()
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		var ms runtime.MemStats
+		for {
+			runtime.ReadMemStats(&ms)
+			if ms.HeapInuse > peak.Load() {
+				peak.Store(ms.HeapInuse)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}()
+	j := NewJoiner(Query{}, Options{}, func(*Flow) {}) // every flow matches: nothing is skipped
+	if err := j.Read(pr, "pipe"); err != nil {
+		t.Fatal(err)
+	}
+	open := len(j.open)
+	j.Finish()
+	close(stop)
+	<-sampled
+	st := j.Stats()
+	if st.Records < 1000000 || st.Matched != 340000 {
+		t.Fatalf("read %d records, matched %d flows; want a million records and 340,000 flows", st.Records, st.Matched)
+	}
+	if open > 4096 {
+		t.Errorf("%d flows held open at the end of the log, want at most the 4,096 open in it", open)
+	}
+	if p := peak.Load(); p > 64<<20 {
+		t.Errorf("heap peaked at %d MB over %d records", p>>20, st.Records)
+	} else {
+		t.Logf("heap peaked at %.1f MB over %d records", float64(p)/(1<<20), st.Records)
 	}
 }
