@@ -86,15 +86,20 @@ func TestMonitoringComponent(t *testing.T) {
 		t.Fatalf("kustomize build with the monitoring component: %v", err)
 	}
 	var ds appsv1.DaemonSet
+	var ctl appsv1.Deployment
 	for _, r := range built.Resources() {
-		if r.GetKind() == "DaemonSet" && r.GetName() == "nfmasq" {
-			y, err := r.AsYAML()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := yaml.Unmarshal(y, &ds); err != nil {
-				t.Fatal(err)
-			}
+		y, err := r.AsYAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case r.GetKind() == "DaemonSet" && r.GetName() == "nfmasq":
+			err = yaml.Unmarshal(y, &ds)
+		case r.GetKind() == "Deployment" && r.GetName() == "nfmasq-egress-controller":
+			err = yaml.Unmarshal(y, &ctl)
+		}
+		if err != nil {
+			t.Fatal(err)
 		}
 	}
 	c := ds.Spec.Template.Spec.Containers[0]
@@ -104,28 +109,39 @@ func TestMonitoringComponent(t *testing.T) {
 	if c.Name != "nfmasq" || hostIP < 0 || !slices.Contains(c.Args, "--metrics-scrape-addr=$(HOST_IP):9741") || !slices.Contains(c.Args, "--metrics-addr=127.0.0.1:9741") {
 		t.Errorf("agent container with the component: env %v, args %v", c.Env, c.Args)
 	}
-	// The PodMonitor selects the DaemonSet's pods, on a port they declare.
-	var pm struct {
-		Spec struct {
-			Selector struct {
-				MatchLabels map[string]string `json:"matchLabels"`
-			}
-			PodMetricsEndpoints []struct{ Port string } `json:"podMetricsEndpoints"`
-		}
+	cc := ctl.Spec.Template.Spec.Containers[0]
+	if !slices.Contains(cc.Args, "--metrics-addr=:9742") {
+		t.Errorf("controller args with the component: %v", cc.Args)
 	}
+	// Each PodMonitor selects one workload's pods, on a port they declare.
 	data, err := os.ReadFile("monitoring/podmonitor.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := yaml.Unmarshal(data, &pm); err != nil {
-		t.Fatal(err)
+	docs := strings.Split(string(data), "\n---\n")
+	if len(docs) != 2 {
+		t.Fatalf("%d PodMonitors, want the agent's and the controller's", len(docs))
 	}
-	for k, v := range pm.Spec.Selector.MatchLabels {
-		if ds.Spec.Template.Labels[k] != v {
-			t.Errorf("PodMonitor selects %s=%s, the agent's pods have %v", k, v, ds.Spec.Template.Labels)
+	for i, tmpl := range []corev1.PodTemplateSpec{ds.Spec.Template, ctl.Spec.Template} {
+		var pm struct {
+			Spec struct {
+				Selector struct {
+					MatchLabels map[string]string `json:"matchLabels"`
+				}
+				PodMetricsEndpoints []struct{ Port string } `json:"podMetricsEndpoints"`
+			}
 		}
-	}
-	if len(pm.Spec.PodMetricsEndpoints) != 1 || !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == pm.Spec.PodMetricsEndpoints[0].Port }) {
-		t.Errorf("PodMonitor scrapes port %v, the container declares %v", pm.Spec.PodMetricsEndpoints, c.Ports)
+		if err := yaml.Unmarshal([]byte(docs[i]), &pm); err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range pm.Spec.Selector.MatchLabels {
+			if tmpl.Labels[k] != v {
+				t.Errorf("PodMonitor %d selects %s=%s, the pods have %v", i, k, v, tmpl.Labels)
+			}
+		}
+		ports := tmpl.Spec.Containers[0].Ports
+		if len(pm.Spec.PodMetricsEndpoints) != 1 || !slices.ContainsFunc(ports, func(p corev1.ContainerPort) bool { return p.Name == pm.Spec.PodMetricsEndpoints[0].Port }) {
+			t.Errorf("PodMonitor %d scrapes port %v, the container declares %v", i, pm.Spec.PodMetricsEndpoints, ports)
+		}
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -12,6 +14,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
@@ -31,6 +36,7 @@ type egressControllerFlags struct {
 	leaseName       string
 	kubeconfig      string
 	resync          time.Duration
+	metricsAddr     string
 	logFormat       string
 	logLevel        string
 }
@@ -79,6 +85,8 @@ restart, so that NAT never changes because a pod was rescheduled.`,
 	fs.StringVar(&f.leaseName, "leader-elect-lease", "nfmasq-egress-controller", "name of the leader-election Lease")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means the in-cluster service account")
 	fs.DurationVar(&f.resync, "resync", 5*time.Minute, "how often everything is checked again without events")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "",
+		"serve /metrics and /healthz on this address for a cluster's Prometheus (e.g. :9742; empty: listen on nothing)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
@@ -147,6 +155,20 @@ func runEgressController(ctx context.Context, f *egressControllerFlags, stderr i
 	controller, err := kube.NewEgressController(client, dyn, opts)
 	if err != nil {
 		return startupError(err)
+	}
+	if f.metricsAddr != "" {
+		ln, err := net.Listen("tcp", f.metricsAddr)
+		if err != nil {
+			return startupError(fmt.Errorf("--metrics-addr: %w", err))
+		}
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(controller, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
 	}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)

@@ -127,8 +127,8 @@ func TestPrometheusAlerts(t *testing.T) {
 	prom.silent(t, 3*time.Second)
 }
 
-// prometheus is a Prometheus server in a test namespace.
-type prometheus struct {
+// promServer is a Prometheus server in a test namespace.
+type promServer struct {
 	*ipfixtest.Daemon
 	url    string
 	client *http.Client
@@ -147,7 +147,7 @@ func testRules(t *testing.T) []byte {
 	return data
 }
 
-func startPrometheus(t *testing.T, ns *netns.NS, target, dir string) *prometheus {
+func startPrometheus(t *testing.T, ns *netns.NS, target, dir string) *promServer {
 	t.Helper()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -167,7 +167,7 @@ scrape_configs:
 	listen := netip.AddrPortFrom(sandbox.RemoteAddr4, 9090).String()
 	d := ipfixtest.StartDaemon(t, ns, "prometheus", "--config.file="+filepath.Join(dir, "prometheus.yml"),
 		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+listen)
-	p := &prometheus{Daemon: d, url: "http://" + listen, client: ns.HTTPClient()}
+	p := &promServer{Daemon: d, url: "http://" + listen, client: ns.HTTPClient()}
 	netnstest.Poll(t, 60*time.Second, 50*time.Millisecond, "prometheus ready", func() bool {
 		resp, err := p.client.Get(p.url + "/-/ready")
 		if err != nil {
@@ -180,7 +180,7 @@ scrape_configs:
 }
 
 // get decodes a Prometheus API answer's data.
-func (p *prometheus) get(path string, data any) error {
+func (p *promServer) get(path string, data any) error {
 	resp, err := p.client.Get(p.url + path)
 	if err != nil {
 		return err
@@ -200,7 +200,7 @@ func (p *prometheus) get(path string, data any) error {
 }
 
 // waitQuery waits until the instant query returns a sample.
-func (p *prometheus) waitQuery(t *testing.T, query, what string) {
+func (p *promServer) waitQuery(t *testing.T, query, what string) {
 	t.Helper()
 	netnstest.Poll(t, 60*time.Second, 100*time.Millisecond, what, func() bool {
 		var data struct{ Result []any }
@@ -214,7 +214,7 @@ func urlQuery(q string) string {
 }
 
 // alerts returns the active alerts: name → state (pending, firing).
-func (p *prometheus) alerts() (map[string]string, error) {
+func (p *promServer) alerts() (map[string]string, error) {
 	var data struct {
 		Alerts []struct {
 			Labels map[string]string
@@ -232,7 +232,7 @@ func (p *prometheus) alerts() (map[string]string, error) {
 }
 
 // waitAlert waits until the alert is in state ("" for resolved).
-func (p *prometheus) waitAlert(t *testing.T, name, state string) {
+func (p *promServer) waitAlert(t *testing.T, name, state string) {
 	t.Helper()
 	start := time.Now()
 	var last map[string]string
@@ -252,7 +252,7 @@ func (p *prometheus) waitAlert(t *testing.T, name, state string) {
 }
 
 // silent checks that no alert is active for d.
-func (p *prometheus) silent(t *testing.T, d time.Duration) {
+func (p *promServer) silent(t *testing.T, d time.Duration) {
 	t.Helper()
 	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(250 * time.Millisecond) { // sampling for d
 		if as, err := p.alerts(); err != nil {

@@ -91,6 +91,8 @@ type EgressController struct {
 	// reconciled counts finished reconciliations, failed or not; tests
 	// wait on it instead of sleeping.
 	reconciled atomic.Int64
+	// stats are exported as metrics (Collect).
+	stats egressStats
 }
 
 // syncKey is the work queue's only key: every reconciliation recomputes
@@ -172,6 +174,8 @@ func (c *EgressController) Run(ctx context.Context) error {
 	defer c.factory.Shutdown()
 	defer c.dynFactory.Shutdown()
 	defer c.queue.ShutDown()
+	c.stats.running.Store(true)
+	defer c.stats.running.Store(false)
 
 	c.dynFactory.Start(ctx.Done())
 	c.factory.Start(ctx.Done())
@@ -202,6 +206,12 @@ func (c *EgressController) processNext(ctx context.Context) bool {
 	defer c.queue.Done(key)
 	err := c.reconcile(ctx)
 	c.reconciled.Add(1)
+	if err == nil {
+		c.stats.ok.Add(1)
+		c.stats.lastOK.Store(time.Now().UnixNano())
+	} else if ctx.Err() == nil {
+		c.stats.failed.Add(1)
+	}
 	if err != nil {
 		switch {
 		case ctx.Err() != nil:

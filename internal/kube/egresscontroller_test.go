@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -377,5 +380,40 @@ func TestNewEgressControllerOptions(t *testing.T) {
 				t.Error("accepted")
 			}
 		})
+	}
+}
+
+// The controller's metrics count reconciliations by result and say when
+// the ConfigMap last agreed with the policies.
+func TestEgressControllerMetrics(t *testing.T) {
+	f := startFake(t, prefixes("10.96.0.0/12"), policy("default", "NoSNAT", "10.0.0.0/8"))
+	f.waitConfig(t, "nonMasqueradeCIDRs:\n- 10.0.0.0/8\n- 10.96.0.0/12\n")
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(f.c)
+	// sample sums the series of name whose labels include label (if any).
+	sample := func(name, label string) float64 {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v float64
+		for _, mf := range mfs {
+			if mf.GetName() != name {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				if label == "" || slices.ContainsFunc(m.GetLabel(), func(l *dto.LabelPair) bool { return l.GetValue() == label }) {
+					v += m.GetGauge().GetValue() + m.GetCounter().GetValue()
+				}
+			}
+		}
+		return v
+	}
+	waitFor(t, 10*time.Second, "a successful reconcile counted", func(context.Context) (bool, error) {
+		return sample("nfmasq_egress_controller_reconciles_total", "success") >= 1, nil
+	})
+	if sample("nfmasq_egress_controller_leading", "") != 1 ||
+		sample("nfmasq_egress_controller_last_success_timestamp_seconds", "") < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Error("the running controller is not leading, or has no recent success")
 	}
 }
