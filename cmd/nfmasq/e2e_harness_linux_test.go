@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -135,6 +136,25 @@ func (a *agentProc) stop(sig syscall.Signal) {
 		<-a.done
 		a.t.Errorf("agent did not exit within 15s of %v", sig)
 	}
+}
+
+// pause stops the agent (SIGSTOP) and returns the function that
+// resumes it; that runs at the test's end too, and only once.
+func (a *agentProc) pause() (resume func()) {
+	a.t.Helper()
+	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		a.t.Fatal(err)
+	}
+	var once sync.Once
+	resume = func() {
+		once.Do(func() {
+			if err := a.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+				a.t.Error(err)
+			}
+		})
+	}
+	a.t.Cleanup(resume)
+	return resume
 }
 
 // metrics scrapes the agent.

@@ -443,19 +443,7 @@ func TestHardenOverload(t *testing.T) {
 	backlog0 := backlogDrops(t)
 	// A burst alone no longer overloads the agent on every machine (it
 	// kept up with 20,000 flows at 265k/s): stop it for the burst.
-	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	resumed := false
-	resume := func() {
-		if !resumed {
-			resumed = true
-			if err := a.cmd.Process.Signal(syscall.SIGCONT); err != nil {
-				t.Error(err)
-			}
-		}
-	}
-	defer resume()
+	resume := a.pause()
 	start := time.Now()
 	if err := rs.send(pkts...); err != nil {
 		t.Fatal(err)

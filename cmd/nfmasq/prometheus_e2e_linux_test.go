@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -102,17 +101,7 @@ func TestPrometheusAlerts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rs.Close()
-	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	resumed := false
-	resume := func() {
-		if !resumed {
-			resumed = true
-			_ = a.cmd.Process.Signal(syscall.SIGCONT)
-		}
-	}
-	defer resume()
+	resume := a.pause()
 	if err := rs.send(pkts...); err != nil {
 		t.Fatal(err)
 	}

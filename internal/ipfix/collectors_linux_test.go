@@ -1,8 +1,6 @@
 package ipfix
 
 import (
-	"io"
-	"net"
 	"net/netip"
 	"path/filepath"
 	"testing"
@@ -183,20 +181,7 @@ func TestCollectorDownTCP(t *testing.T) {
 		t.Errorf("stats with no collector: %+v (want overflow of the 16-event buffer, the rest down)", s)
 	}
 	// The collector comes up: the next events get through.
-	var ln net.Listener
-	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", "127.0.0.1:4740"); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
-		}
-	}()
+	ipfixtest.DiscardTCP(t, ns, "127.0.0.1:4740")
 	netnstest.Poll(t, 2*retryMax, 10*time.Millisecond, "reconnected", func() bool { return e.Stats().Connected })
 	e.Created(&flows[0])
 	netnstest.Poll(t, 10*time.Second, time.Millisecond, "event sent after the outage", func() bool { return e.Stats().Created == 1 })

@@ -322,19 +322,10 @@ func (n *Nfcapd) Events(t *testing.T, port int) []Event {
 	return got
 }
 
-// Tshark is a TCP listener that reads and discards what it is sent,
-// captured by tshark.
-type Tshark struct {
-	*Daemon
-	pcap string
-	ln   net.Listener
-}
-
-// StartTshark listens on addr:port (TCP) in ns and captures the port's
-// traffic, and returns once packets are in the capture.
-func StartTshark(t *testing.T, ns *netns.NS, addr string, port int) *Tshark {
+// DiscardTCP listens on hostPort (TCP) in ns and reads and discards
+// whatever its connections send, until t ends: a collector that is up.
+func DiscardTCP(t *testing.T, ns *netns.NS, hostPort string) net.Listener {
 	t.Helper()
-	hostPort := net.JoinHostPort(addr, strconv.Itoa(port))
 	var ln net.Listener
 	if err := ns.Do(func() (err error) {
 		ln, err = net.Listen("tcp", hostPort)
@@ -352,6 +343,23 @@ func StartTshark(t *testing.T, ns *netns.NS, addr string, port int) *Tshark {
 			go func() { _, _ = io.Copy(io.Discard, c); c.Close() }()
 		}
 	}()
+	return ln
+}
+
+// Tshark is a TCP listener that reads and discards what it is sent,
+// captured by tshark.
+type Tshark struct {
+	*Daemon
+	pcap string
+	ln   net.Listener
+}
+
+// StartTshark listens on addr:port (TCP) in ns and captures the port's
+// traffic, and returns once packets are in the capture.
+func StartTshark(t *testing.T, ns *netns.NS, addr string, port int) *Tshark {
+	t.Helper()
+	hostPort := net.JoinHostPort(addr, strconv.Itoa(port))
+	ln := DiscardTCP(t, ns, hostPort)
 	pcap := filepath.Join(t.TempDir(), "ipfix.pcapng")
 	if err := os.Chmod(filepath.Dir(pcap), 0o777); err != nil { // dumpcap may drop privileges
 		t.Fatal(err)
