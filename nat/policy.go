@@ -86,6 +86,9 @@ const (
 	// (the agent was down or overloaded). Decide never returns it; flow
 	// records use it.
 	SourceKernelFallback
+	// SourceMasqueradePolicy: a MasqueradePolicy selecting the pod
+	// decided (MasqueradePolicies.Decide); Origin names it.
+	SourceMasqueradePolicy
 )
 
 var sourceNames = [...]string{
@@ -98,6 +101,7 @@ var sourceNames = [...]string{
 	SourceDisableDefaultSNAT: "disable-default-snat",
 	SourceIPv6Disabled:       "ipv6-disabled",
 	SourceKernelFallback:     "kernel-fallback",
+	SourceMasqueradePolicy:   "masquerade-policy",
 }
 
 // String returns the Source's stable name, as written in flow records.
