@@ -661,7 +661,7 @@ func TestActionAndSourceText(t *testing.T) {
 	if a.UnmarshalText([]byte("")) == nil || a.UnmarshalText([]byte("drop")) == nil {
 		t.Error("bad action text accepted")
 	}
-	want := []string{"none", "config", "default", "link-local", "egress-policy", "cluster", "disable-default-snat", "ipv6-disabled", "kernel-fallback"}
+	want := []string{"none", "config", "default", "link-local", "egress-policy", "cluster", "disable-default-snat", "ipv6-disabled", "kernel-fallback", "masquerade-policy"}
 	for i, name := range want {
 		s := Source(i)
 		b, err := s.MarshalText()
