@@ -1,0 +1,5 @@
+//go:build !race
+
+package who
+
+const raceEnabled = false
