@@ -270,7 +270,7 @@ func TestMemoryFlat(t *testing.T) {
 	}
 	flows := 340000 // 1,020,000 records
 	if raceEnabled {
-		flows = 40000
+		flows = 20000
 	}
 	pr, pw := io.Pipe()
 	go func() { SyntheticLog(pw, flows); pw.Close() }()
