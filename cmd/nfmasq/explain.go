@@ -2,9 +2,16 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"net/netip"
+	"os"
 
+	"github.com/nfmasq/nfmasq/nat"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/labels"
 )
 
 // explainLine is one line of explain's output. The field order and names
@@ -15,6 +22,9 @@ type explainLine struct {
 	Prefix string `json:"prefix"`
 	Source string `json:"source,omitempty"`
 	Origin string `json:"origin,omitempty"`
+	// Conflicting names the MasqueradePolicies that disagreed at the
+	// deciding prefix length (Masquerade won).
+	Conflicting []string `json:"conflicting,omitempty"`
 }
 
 // explainError reports an argument that is not an address.
@@ -25,6 +35,7 @@ type explainError struct {
 
 func newExplainCmd() *cobra.Command {
 	var pf policyFlags
+	var mf masqPolicyFlags
 	cmd := &cobra.Command{
 		Use:   "explain [flags] ADDR...",
 		Short: "Print the masquerade decision for each destination address",
@@ -36,10 +47,21 @@ disable-default-snat, ipv6-disabled; none when nothing matched).
 
 A configuration error exits 2 with the error on stderr. An argument that is not
 an IP address gets a line with an "error" field, and explain exits 1 after
-handling the others. Warnings and notes go to stderr.`,
+handling the others. Warnings and notes go to stderr.
+
+With --masquerade-policy FILE (MasqueradePolicy objects as applied with
+kubectl: YAML documents or JSON, several per file) and the pod's identity
+(--pod-namespace, --pod-labels, --namespace-labels), explain applies the
+per-workload decision rule first: among the policies selecting the pod, the
+most specific destination entry containing the address decides (its except
+ranges removed; Masquerade wins a tie); otherwise the node policy does.
+Cluster ranges are never a policy's. Invalid objects are reported on stderr
+and skipped. This models the rule offline; the agent does not apply
+MasqueradePolicies yet.`,
 		Example: `  nfmasq explain 8.8.8.8 10.1.2.3
   nfmasq explain --config ./ip-masq-agent.yaml --enable-ipv6 fd00::1 169.254.169.254
-  nfmasq explain --agent=false --disable-default-snat 8.8.8.8`,
+  nfmasq explain --agent=false --disable-default-snat 8.8.8.8
+  nfmasq explain --masquerade-policy policies.yaml --pod-namespace pay --pod-labels app=billing --namespace-labels team=payments 203.0.113.7`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, warnings, err := pf.load()
@@ -47,6 +69,10 @@ handling the others. Warnings and notes go to stderr.`,
 				return &exitError{code: exitConfig, err: err}
 			}
 			printNotices(cmd.ErrOrStderr(), warnings, p.Notes())
+			mp, workload, err := mf.load(cmd.ErrOrStderr(), pf.clusterCIDRs)
+			if err != nil {
+				return err
+			}
 
 			enc := json.NewEncoder(cmd.OutOrStdout())
 			enc.SetEscapeHTML(false)
@@ -61,7 +87,13 @@ handling the others. Warnings and notes go to stderr.`,
 					continue
 				}
 				d := p.Decide(dst)
-				line := explainLine{Dst: dst.String(), Action: d.Action.String(), Source: d.Source.String(), Origin: d.Origin}
+				var conflicting []string
+				if mp != nil {
+					if md, c, err := mp.Decide(workload, dst); err == nil {
+						d, conflicting = md, c
+					}
+				}
+				line := explainLine{Dst: dst.String(), Action: d.Action.String(), Source: d.Source.String(), Origin: d.Origin, Conflicting: conflicting}
 				if d.Prefix.IsValid() {
 					line.Prefix = d.Prefix.String()
 				}
@@ -77,5 +109,69 @@ handling the others. Warnings and notes go to stderr.`,
 	}
 	pf.register(cmd.Flags())
 	pf.registerClusterModel(cmd.Flags())
+	mf.register(cmd.Flags())
 	return cmd
+}
+
+// masqPolicyFlags model MasqueradePolicies for one pod.
+type masqPolicyFlags struct {
+	files                      []string
+	namespace                  string
+	podLabels, namespaceLabels string
+}
+
+func (f *masqPolicyFlags) register(fs *pflag.FlagSet) {
+	fs.StringArrayVar(&f.files, "masquerade-policy", nil, "a file of MasqueradePolicy objects (YAML or JSON; repeatable)")
+	fs.StringVar(&f.namespace, "pod-namespace", "", "with --masquerade-policy: the pod's namespace")
+	fs.StringVar(&f.podLabels, "pod-labels", "", "with --masquerade-policy: the pod's labels, k=v,k2=v2")
+	fs.StringVar(&f.namespaceLabels, "namespace-labels", "", "with --masquerade-policy: the namespace's labels, k=v,k2=v2 (kubernetes.io/metadata.name is added)")
+}
+
+// load reads the policies and the pod's identity; a nil set when no
+// --masquerade-policy was given. Invalid objects are reported on stderr.
+func (f *masqPolicyFlags) load(stderr io.Writer, cluster []string) (*nat.MasqueradePolicies, nat.Workload, error) {
+	var w nat.Workload
+	if len(f.files) == 0 {
+		if f.namespace != "" || f.podLabels != "" || f.namespaceLabels != "" {
+			return nil, w, &usageError{errors.New("--pod-namespace, --pod-labels and --namespace-labels need --masquerade-policy")}
+		}
+		return nil, w, nil
+	}
+	if f.namespace == "" {
+		return nil, w, &usageError{errors.New("--masquerade-policy needs --pod-namespace (and the pod's labels)")}
+	}
+	var err error
+	w.Namespace = f.namespace
+	if w.Labels, err = labels.ConvertSelectorToLabelsMap(f.podLabels); err != nil {
+		return nil, w, &usageError{fmt.Errorf("--pod-labels %q: %w", f.podLabels, err)}
+	}
+	if w.NamespaceLabels, err = labels.ConvertSelectorToLabelsMap(f.namespaceLabels); err != nil {
+		return nil, w, &usageError{fmt.Errorf("--namespace-labels %q: %w", f.namespaceLabels, err)}
+	}
+	w.NamespaceLabels["kubernetes.io/metadata.name"] = f.namespace
+	var all []nat.MasqueradePolicy
+	for _, path := range f.files {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--masquerade-policy: %w", err)}
+		}
+		ps, errs := nat.ParseMasqueradePolicies(data)
+		for _, e := range errs {
+			fmt.Fprintf(stderr, "nfmasq: %s: %v (skipped)\n", path, e)
+		}
+		all = append(all, ps...)
+	}
+	var clusterPrefixes []netip.Prefix
+	for _, c := range cluster {
+		p, err := nat.ParseCIDR(c)
+		if err != nil {
+			return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--cluster-cidr: %w", err)}
+		}
+		clusterPrefixes = append(clusterPrefixes, p)
+	}
+	set, err := nat.NewMasqueradePolicies(all, clusterPrefixes)
+	if err != nil {
+		return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--masquerade-policy: %w", err)}
+	}
+	return set, w, nil
 }

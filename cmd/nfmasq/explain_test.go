@@ -1,6 +1,7 @@
 package main
 
 import (
+	"slices"
 	"strings"
 	"testing"
 )
@@ -177,5 +178,45 @@ func TestExplainConfigErrors(t *testing.T) {
 				t.Errorf("config: exit %d, stdout %q, stderr %q; want exit 2 and %q", code, stdout, stderr2, stderr)
 			}
 		})
+	}
+}
+
+// explain models MasqueradePolicies for a pod given by its namespace and
+// labels; invalid objects are reported and skipped.
+func TestExplainMasqueradePolicy(t *testing.T) {
+	policies := writeFile(t, "policies.yaml", `apiVersion: nfmasq.io/v1alpha1
+kind: MasqueradePolicy
+metadata: {name: partner-keeps-pod-ips}
+spec:
+  namespaceSelector: {matchLabels: {team: payments}}
+  podSelector: {matchLabels: {app: billing}}
+  action: NoSNAT
+  destinations: [{cidr: 11.0.0.0/24, except: [11.0.0.128/25]}]
+---
+apiVersion: nfmasq.io/v1alpha1
+kind: MasqueradePolicy
+metadata: {name: broken}
+spec: {action: Drop, destinations: [{cidr: 1.0.0.0/8}]}
+`)
+	args := []string{"explain", "--config", noConfig(t), "--masquerade-policy", policies, "--pod-namespace", "pay",
+		"--pod-labels", "app=billing", "--namespace-labels", "team=payments"}
+	stdout, stderr, code := nfmasq(t, append(args, "11.0.0.7", "11.0.0.200")...)
+	if code != 0 || !strings.Contains(stderr, `MasqueradePolicy "broken"`) {
+		t.Fatalf("exit %d, stderr %q", code, stderr)
+	}
+	want := `{"dst":"11.0.0.7","action":"passthrough","prefix":"11.0.0.0/24","source":"masquerade-policy","origin":"partner-keeps-pod-ips"}
+{"dst":"11.0.0.200","action":"masquerade","prefix":"","source":"none"}
+`
+	if stdout != want {
+		t.Errorf("stdout:\n%s\nwant:\n%s", stdout, want)
+	}
+	// Another pod: the node policy.
+	other := slices.Clone(args)
+	other[len(other)-3] = "app=web"
+	if stdout, _, _ := nfmasq(t, append(other, "11.0.0.7")...); !strings.Contains(stdout, `"source":"none"`) {
+		t.Errorf("a pod no policy selects: %s", stdout)
+	}
+	if _, stderr, code := nfmasq(t, "explain", "--config", noConfig(t), "--masquerade-policy", policies, "11.0.0.7"); code != exitConfig || !strings.Contains(stderr, "--pod-namespace") {
+		t.Errorf("no pod namespace: exit %d, %q", code, stderr)
 	}
 }
