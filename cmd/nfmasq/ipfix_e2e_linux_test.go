@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/netip"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -40,7 +41,8 @@ func TestAuditIPFIX(t *testing.T) {
 						time.Sleep(50 * time.Millisecond)
 					}
 					if len(got) < n {
-						t.Logf("goflow2:\n%s", g.Output())
+						raw, _ := os.ReadFile(g.Out())
+						t.Logf("goflow2:\n%s\ndecoded:\n%s", g.Output(), raw)
 					}
 					return got
 				}

@@ -68,7 +68,7 @@ func Listening(t *testing.T, ns *netns.NS, proto string, port int) {
 // daemon is a collector process started in a namespace.
 type Daemon struct {
 	cmd    *exec.Cmd
-	output bytes.Buffer
+	output netnstest.Buffer // written by the process, read by the test
 	done   chan struct{}
 }
 
@@ -167,10 +167,15 @@ func StartGoflow2(t *testing.T, ns *netns.NS, listen string, out string) *Goflow
 	if err := os.WriteFile(mapping, []byte(goflow2Mapping), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d := StartDaemon(t, ns, "goflow2", "-listen", "netflow://"+listen, "-mapping", mapping, "-format", "json",
+	// One socket and one worker: the lines of concurrent workers
+	// interleave in the file, garbling records.
+	d := StartDaemon(t, ns, "goflow2", "-listen", "netflow://"+listen+"?count=1&workers=1", "-mapping", mapping, "-format", "json",
 		"-transport", "file", "-transport.file", out, "-loglevel", "warn")
 	return &Goflow2{Daemon: d, out: out}
 }
+
+// Out is the file goflow2 writes its JSON lines to.
+func (g *Goflow2) Out() string { return g.out }
 
 // events reads the NAT events goflow2 has written so far.
 func (g *Goflow2) Events() []Event {
