@@ -13,8 +13,8 @@ import (
 )
 
 // Collectors nobody here wrote decode what the exporter sends: nfdump's
-// nfcapd (IPv4 NAT events over UDP; it decodes neither IE 281 nor listens
-// on TCP), goflow2 with a mapping of the NAT elements (both families,
+// nfcapd and pmacct's nfacctd (IPv4 NAT events over UDP; neither decodes
+// IE 281 nor listens on TCP), goflow2 with a mapping of the NAT elements (both families,
 // UDP), and tshark decoding a capture of the TCP stream.
 
 // testFlows are masqueraded flows of both families.
@@ -92,6 +92,25 @@ func TestNfcapd(t *testing.T) {
 	flows := testFlows(30000, 12, false)
 	export(t, e, flows)
 	ipfixtest.CheckEvents(t, "nfcapd", n.Events(t, 4739), want(flows))
+}
+
+func TestNfacctd(t *testing.T) {
+	netnstest.Require(t, "nfacctd", "pmacct", "ss")
+	ns := netnstest.New(t, "nfacctd")
+	n := ipfixtest.StartNfacctd(t, ns, "127.0.0.1", 4739)
+	e := startExporter(t, ns, "127.0.0.1:4739", "udp")
+	flows := testFlows(31000, 12, false)
+	export(t, e, flows)
+	wanted := want(flows)
+	for i := range wanted {
+		wanted[i].Bytes = 0 // not in nfacctd's aggregates
+	}
+	var got []ipfixtest.Event
+	netnstest.Poll(t, 20*time.Second, 100*time.Millisecond, "nfacctd holds every event", func() bool {
+		got = n.Events(t)
+		return len(got) >= len(wanted)
+	})
+	ipfixtest.CheckEvents(t, "nfacctd", got, ipfixtest.Sort(wanted))
 }
 
 func TestGoflow2(t *testing.T) {

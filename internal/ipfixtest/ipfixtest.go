@@ -1,5 +1,5 @@
 // Package ipfixtest runs IPFIX collectors nobody here wrote (goflow2,
-// nfdump's nfcapd, tshark on a capture) inside a test's network
+// nfdump's nfcapd, pmacct's nfacctd, tshark on a capture) inside a test's network
 // namespaces and reads back the NAT events they decoded, for the
 // exporter's tests and the agent's.
 package ipfixtest
@@ -397,4 +397,57 @@ func (ts *Tshark) Events(t *testing.T, port, n int) []Event {
 	})
 	ts.Stop(t)
 	return TsharkEvents(t, ts.pcap, port)
+}
+
+// Nfacctd is pmacct's collector with its in-memory plugin, read back
+// with the pmacct client.
+type Nfacctd struct {
+	*Daemon
+	ns   *netns.NS
+	pipe string
+}
+
+// StartNfacctd starts nfacctd in ns on addr:port (UDP), aggregating NAT
+// events by their 5-tuple and translation, and waits until it listens.
+func StartNfacctd(t *testing.T, ns *netns.NS, addr string, port int) *Nfacctd {
+	t.Helper()
+	dir := t.TempDir()
+	pipe := filepath.Join(dir, "memory.pipe")
+	conf := filepath.Join(dir, "nfacctd.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`daemonize: false
+nfacctd_ip: %s
+nfacctd_port: %d
+plugins: memory
+imt_path: %s
+aggregate: src_host, dst_host, src_port, dst_port, proto, nat_event, post_nat_src_host, post_nat_src_port
+`, addr, port, pipe)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := StartDaemon(t, ns, "nfacctd", "-f", conf)
+	Listening(t, ns, "udp", port)
+	return &Nfacctd{Daemon: d, ns: ns, pipe: pipe}
+}
+
+// Events returns the NAT events nfacctd holds (its aggregates carry no
+// per-event byte counts: Bytes is 0).
+func (n *Nfacctd) Events(t *testing.T) []Event {
+	t.Helper()
+	out, err := n.ns.Try("pmacct", "-p", n.pipe, "-s", "-O", "json")
+	if err != nil {
+		t.Logf("pmacct -s: %v", err)
+		return nil
+	}
+	var got []Event
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		var r map[string]any
+		if json.Unmarshal([]byte(line), &r) != nil || r["nat_event"] == nil {
+			continue
+		}
+		got = append(got, Event{
+			NatEvent: uint8(num(r["nat_event"])), Proto: protoNum(r["ip_proto"]),
+			Src: addrPort(r["ip_src"], r["port_src"]), Dst: addrPort(r["ip_dst"], r["port_dst"]),
+			Xlate: addrPort(r["post_nat_ip_src"], r["post_nat_port_src"]),
+		})
+	}
+	return got
 }
