@@ -415,19 +415,19 @@ func (s *sender) sendTemplates() error {
 	return nil
 }
 
+// add encodes ev into the batch of its template; without a connection it
+// is counted as lost at once.
 func (s *sender) add(ev event) {
+	if s.ep == nil {
+		s.e.down.Add(1)
+		return
+	}
 	t := s.templateFor(ev)
 	s.batch[t] = append(s.batch[t], t.record(&ev))
 }
 
+// templateFor returns ev's template; the templates exist once connected.
 func (s *sender) templateFor(ev event) *template {
-	if s.templates == nil {
-		// Not yet connected: build the templates with provisional IDs;
-		// the records are dropped below anyway.
-		for i, kind := range templateKinds {
-			s.templates = append(s.templates, newTemplate(uint16(256+i), kind))
-		}
-	}
 	k := templateKind{v6: !ev.src.Addr().Unmap().Is4(), delete: !ev.create}
 	for _, t := range s.templates {
 		if t.kind == k {

@@ -27,8 +27,13 @@ func ForeignMasquerade(ctx context.Context, r Runner, chain string) []string {
 	var found []string
 	for _, b := range []Backend{BackendNFT, BackendLegacy} {
 		for _, fam := range []Family{IPv4, IPv6} {
-			// A full save, not -t nat: with legacy, naming a table creates it.
-			out, err := r.Run(ctx, nil, b.tool(fam, "save"))
+			// Only the nat table; but with legacy naming a table
+			// creates it, so legacy is saved whole.
+			var args []string
+			if b == BackendNFT {
+				args = []string{"-t", "nat"}
+			}
+			out, err := r.Run(ctx, nil, b.tool(fam, "save"), args...)
 			if err != nil {
 				continue
 			}

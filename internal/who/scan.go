@@ -243,21 +243,8 @@ func (s *scanner) str() (val []byte, escaped, ok bool) {
 		s.i = i + j + 1
 		return b[i : i+j], false, true
 	}
+	// A line with escapes or control characters: rare, byte by byte.
 	for i < len(b) {
-		// Eight bytes at a time while none is a quote, a backslash or
-		// a control character (the tests are exact for those bytes;
-		// a false alarm only sends one byte down the slow path).
-		for i+8 <= len(b) {
-			v := binary.LittleEndian.Uint64(b[i:])
-			q, bs := v^quotes, v^backslashes
-			if ((v-lows)|(q-ones)|(bs-ones))&^(v&q&bs)&highs != 0 {
-				break
-			}
-			i += 8
-		}
-		if i >= len(b) {
-			break
-		}
 		c := b[i]
 		if plain[c] {
 			i++
@@ -295,12 +282,11 @@ func (s *scanner) str() (val []byte, escaped, ok bool) {
 	return nil, false, false
 }
 
-// Byte patterns for str's eight-at-a-time test.
+// Byte patterns for plainBytes's eight-at-a-time test.
 const (
 	ones        = 0x0101010101010101
 	lows        = 0x2020202020202020
 	highs       = 0x8080808080808080
-	quotes      = 0x2222222222222222
 	backslashes = 0x5c5c5c5c5c5c5c5c
 )
 

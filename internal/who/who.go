@@ -107,8 +107,8 @@ type Stats struct {
 	Matched uint64
 }
 
-// Joiner joins records into flows. Feed it lines with Line (or whole
-// streams with Read), then call Finish.
+// Joiner joins records into flows. Feed it streams with Read, then call
+// Finish.
 type Joiner struct {
 	q     Query
 	opts  Options
@@ -181,9 +181,6 @@ func (j *Joiner) Read(r io.Reader, name string) error {
 		}
 	}
 }
-
-// Line feeds one line.
-func (j *Joiner) Line(line []byte) { j.line(line, "", int(j.stats.Lines+1)) }
 
 func (j *Joiner) malformed(name string, n int, why string) {
 	j.stats.Lines++
