@@ -489,6 +489,7 @@ var (
 	descDropped   = prometheus.NewDesc("nfmasq_ipfix_dropped_total", "NAT session events not sent, by reason: overflow (buffer full), down (no connection), send_error (a write failed), lost (conntrack event socket overrun).", []string{"reason"}, nil)
 	descConnected = prometheus.NewDesc("nfmasq_ipfix_connected", "1 while the exporter has a connection to the IPFIX collector (over UDP: a socket, whether or not a collector listens).", nil, nil)
 	descConnects  = prometheus.NewDesc("nfmasq_ipfix_connects_total", "Connections made to the IPFIX collector (each after the first follows an outage).", nil, nil)
+	descTemplates = prometheus.NewDesc("nfmasq_ipfix_template_sends_total", "Times the templates were sent (at each connection, and every template refresh over UDP).", nil, nil)
 )
 
 // Describe implements prometheus.Collector.
@@ -497,6 +498,7 @@ func (e *Exporter) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descDropped
 	ch <- descConnected
 	ch <- descConnects
+	ch <- descTemplates
 }
 
 // Collect implements prometheus.Collector.
@@ -516,4 +518,5 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descConnected, prometheus.GaugeValue, connected)
 	ch <- prometheus.MustNewConstMetric(descConnects, prometheus.CounterValue, float64(s.Connects))
+	ch <- prometheus.MustNewConstMetric(descTemplates, prometheus.CounterValue, float64(s.Templates))
 }
