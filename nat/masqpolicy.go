@@ -197,6 +197,7 @@ type Workload struct {
 type MasqueradePolicies struct {
 	policies []MasqueradePolicy
 	cluster  []netip.Prefix
+	setCache
 }
 
 // NewMasqueradePolicies returns the set, in name order.
@@ -208,7 +209,7 @@ func NewMasqueradePolicies(policies []MasqueradePolicy, cluster []netip.Prefix) 
 			return nil, fmt.Errorf("two MasqueradePolicies named %q", ps[i].Name)
 		}
 	}
-	return &MasqueradePolicies{policies: ps, cluster: cluster}, nil
+	return &MasqueradePolicies{policies: ps, cluster: slices.Clone(cluster)}, nil
 }
 
 // ErrNoMasqueradePolicy says no policy selecting the pod contains the

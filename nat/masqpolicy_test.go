@@ -94,6 +94,19 @@ func TestMasqueradePoliciesDecide(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			d, conflicting, err := set.Decide(tt.w, netip.MustParseAddr(tt.dst))
+			// The compiled set answers as the linear rule does.
+			ps, cerr := set.For(tt.w)
+			if cerr != nil {
+				t.Fatal(cerr)
+			}
+			var cd Decision
+			var decides bool
+			if ps != nil {
+				cd, decides = ps.Decide(netip.MustParseAddr(tt.dst))
+			}
+			if decides != (err == nil) || cd != d {
+				t.Errorf("compiled set decided %+v (%v), the rule %+v (%v)", cd, decides, d, err)
+			}
 			if tt.origin == "" {
 				if !errors.Is(err, ErrNoMasqueradePolicy) {
 					t.Errorf("decided %+v, want the node policy to decide", d)

@@ -51,6 +51,19 @@ type Config struct {
 	// so it should be an atomic load (a reload swaps the pointer). A nil
 	// policy leaves packets undecided (accepted unmarked).
 	Policy func() *nat.Policy
+	// Workloads returns the per-pod MasqueradePolicy decisions in force;
+	// nil (or a nil func) for none. Like Policy it is called for every
+	// packet.
+	Workloads func() *nat.Workloads
+	// IdentityWait is how long a packet from an address of the node's pod
+	// ranges that no known pod has waits for its identity, while
+	// MasqueradePolicies exist (Workloads.Unknown); after it, the node
+	// policy decides and the Event says the identity was unknown. 0 never
+	// waits. Other packets keep flowing while some wait.
+	IdentityWait time.Duration
+	// MaxHeld bounds the packets waiting at once (default
+	// DefaultMaxHeld); beyond it they are decided at once, as unknown.
+	MaxHeld int
 	// Observer receives every packet's outcome; nil for none.
 	Observer Observer
 	// Logger receives rate-limited reports of panics and netlink errors;
@@ -151,6 +164,14 @@ type Event struct {
 	// VerdictErr is non-nil when the verdict could not be sent; the
 	// packet then waits in the kernel until the queue is unbound.
 	VerdictErr error
+	// Held is how long the packet waited for its pod's identity (0: it
+	// did not wait).
+	Held time.Duration
+	// IdentityUnknown says the packet's source was an unknown pod
+	// address while MasqueradePolicies exist, and it was decided without
+	// one (the wait ran out, the hold was full, or the queue stopped):
+	// the node policy decided.
+	IdentityUnknown bool
 }
 
 // Stats is a snapshot of a Queue's counters since New. Once no packet is
@@ -185,6 +206,12 @@ type Stats struct {
 	// NETLINK_NO_ENOBUFS), ENOENT (a verdict for an id the kernel no
 	// longer holds), and anything else.
 	NetlinkENOBUFS, NetlinkENOENT, NetlinkOther uint64
+	// Held counts packets that waited for their pod's identity;
+	// HeldExpired those of them decided without it; HeldOverflow the
+	// packets decided at once, as unknown, because the hold was full.
+	// Holding is how many wait now.
+	Held, HeldExpired, HeldOverflow uint64
+	Holding                         int64
 }
 
 // counters belong to one handler; Stats sums them. Keeping them per
@@ -223,6 +250,8 @@ type Queue struct {
 
 	procMu sync.Mutex
 	proc   *os.File // nfnetlink_queue stats of the bound namespace, while running
+
+	hold *holder // nil when packets never wait for an identity
 }
 
 // ErrUnsupported is returned by Run where NFQUEUE does not exist.
@@ -238,6 +267,12 @@ func New(cfg Config) (*Queue, error) {
 	}
 	if cfg.Workers < 0 {
 		return nil, fmt.Errorf("queue config: %d workers", cfg.Workers)
+	}
+	if cfg.IdentityWait < 0 || cfg.MaxHeld < 0 {
+		return nil, fmt.Errorf("queue config: identity wait %v, %d held packets", cfg.IdentityWait, cfg.MaxHeld)
+	}
+	if cfg.MaxHeld == 0 {
+		cfg.MaxHeld = DefaultMaxHeld
 	}
 	if len(cfg.QueueNums) == 0 {
 		cfg.QueueNums = []uint16{0}
@@ -265,13 +300,35 @@ func New(cfg Config) (*Queue, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	cfg.QueueNums = append([]uint16(nil), cfg.QueueNums...)
-	return &Queue{
-		cfg:      cfg,
-		counters: make([]counters, len(cfg.QueueNums)*max(1, cfg.Workers)),
+	q := &Queue{
+		cfg: cfg,
+		// One per handler, and one per queue for the packets the holder
+		// releases.
+		counters: make([]counters, len(cfg.QueueNums)*(max(1, cfg.Workers)+1)),
 		sockets:  make([]socketCounters, len(cfg.QueueNums)),
 		ready:    make(chan struct{}),
 		epoch:    time.Now(),
-	}, nil
+	}
+	if cfg.IdentityWait > 0 && cfg.Workloads != nil {
+		q.hold = newHolder(q, cfg.IdentityWait, cfg.MaxHeld)
+	}
+	return q, nil
+}
+
+// WorkloadsChanged tells the queue that Config.Workloads returns a new
+// snapshot: the packets waiting for an identity are looked at again.
+func (q *Queue) WorkloadsChanged() {
+	if q.hold != nil {
+		q.hold.poke()
+	}
+}
+
+// workloads is Config.Workloads' snapshot, nil without one.
+func (q *Queue) workloads() *nat.Workloads {
+	if f := q.cfg.Workloads; f != nil {
+		return f()
+	}
+	return nil
 }
 
 // now is the monotonic time since q.epoch.
@@ -306,6 +363,10 @@ func (q *Queue) Stats() Stats {
 		s.NetlinkENOBUFS += c.enobufs.Load()
 		s.NetlinkENOENT += c.enoent.Load()
 		s.NetlinkOther += c.other.Load()
+	}
+	if h := q.hold; h != nil {
+		s.Held, s.HeldExpired, s.HeldOverflow = h.heldTotal.Load(), h.expired.Load(), h.overflow.Load()
+		s.Holding = h.n.Load()
 	}
 	return s
 }
@@ -355,7 +416,14 @@ type verdictBatch struct {
 	setMark bool
 }
 
-func (vb *verdictBatch) add(id, mark uint32, setMark bool) {
+// With single, the packet gets a verdict message of its own: while a
+// packet waits for its identity, a batch message would answer it too.
+func (vb *verdictBatch) add(id, mark uint32, setMark, single bool) {
+	if single {
+		vb.closeRun()
+		vb.buf = appendVerdict(vb.buf, vb.num, id, mark, setMark)
+		return
+	}
 	if vb.n > 0 && mark == vb.mark && setMark == vb.setMark {
 		vb.n++
 		vb.lastID = id
@@ -402,6 +470,9 @@ type handler struct {
 	marks mark.Layout
 	one   pending
 	batch []pending
+	// holdOut answers the packets of this queue the holder releases; nil
+	// where packets cannot be held.
+	holdOut *handler
 }
 
 // pending is a packet decided and answered but not yet counted and
@@ -413,6 +484,9 @@ type pending struct {
 	outcome Outcome
 	mark    uint32 // the packet's mark after the verdict
 	setMark bool
+	held    bool          // handed to the holder: no verdict yet
+	heldFor time.Duration // how long it waited for its identity
+	unknown bool          // decided without its pod's identity
 }
 
 func (q *Queue) newHandler(queueIndex, worker int, send verdicter) *handler {
@@ -425,6 +499,19 @@ func (q *Queue) newHandler(queueIndex, worker int, send verdicter) *handler {
 	}
 }
 
+// newHoldHandler returns the handler that answers a queue's released
+// packets, with a verdicter (and counters) of its own: it runs on the
+// holder goroutine.
+func (q *Queue) newHoldHandler(queueIndex int, send verdicter) *handler {
+	return &handler{
+		q:     q,
+		num:   q.cfg.QueueNums[queueIndex],
+		send:  send,
+		c:     &q.counters[len(q.cfg.QueueNums)*max(1, q.cfg.Workers)+queueIndex],
+		marks: q.cfg.Marks,
+	}
+}
+
 // handle answers one packet with its own write. Whatever happens, the
 // packet gets exactly one verdict: a panic before the verdict is answered
 // unmarked (the kernel fallback chain then decides), a panic after it is
@@ -432,6 +519,9 @@ func (q *Queue) newHandler(queueIndex, worker int, send verdicter) *handler {
 func (h *handler) handle(in *inbound) {
 	pd := &h.one
 	h.prepare(in, pd)
+	if pd.held {
+		return
+	}
 	err := h.answer(in, pd)
 	h.complete(in, pd, err, h.q.now())
 }
@@ -447,12 +537,16 @@ func (h *handler) handleBatch(ins []inbound, vb *verdictBatch) {
 	pend := h.batch[:len(ins)]
 	for i := range ins {
 		h.prepare(&ins[i], &pend[i])
-		vb.add(ins[i].id, pend[i].mark, pend[i].setMark)
+		if !pend[i].held {
+			vb.add(ins[i].id, pend[i].mark, pend[i].setMark, h.q.hold.holding())
+		}
 	}
 	err := vb.flush()
 	done := h.q.now()
 	for i := range ins {
-		h.complete(&ins[i], &pend[i], err, done)
+		if !pend[i].held {
+			h.complete(&ins[i], &pend[i], err, done)
+		}
 	}
 }
 
@@ -466,11 +560,37 @@ func (h *handler) prepare(in *inbound, pd *pending) {
 		}
 	}()
 	h.c.packets.Add(1)
-	pd.outcome, pd.d, pd.pol = h.decide(in, &pd.p)
-	if pd.outcome != Decided {
+	pd.held, pd.heldFor, pd.unknown, pd.pol, pd.d = false, 0, false, nil, nat.Decision{}
+	if pd.outcome = h.decode(in, &pd.p); pd.outcome != Decided {
 		pd.mark, pd.setMark = in.mark, false
 		return
 	}
+	pol := h.q.cfg.Policy()
+	set, known := h.q.workloads().Pod(pd.p.Src)
+	if !known && pol != nil && h.q.workloads().Waits(pd.p.Src) {
+		if h.holdOut != nil && h.q.hold != nil && h.q.hold.hold(in, pd, h.holdOut) {
+			pd.held = true
+			return
+		}
+		pd.unknown = true
+	}
+	h.finish(in, pd, pol, set)
+}
+
+// finish decides a decoded packet with its pod's MasqueradePolicies (set,
+// nil for none) and pol, and works out its verdict.
+func (h *handler) finish(in *inbound, pd *pending, pol *nat.Policy, set *nat.PolicySet) {
+	if pol == nil {
+		pd.outcome, pd.mark, pd.setMark = NoPolicy, in.mark, false
+		return
+	}
+	pd.d = set.DecideOr(pol, pd.p.Dst)
+	pd.pol = pol
+	if pd.d.Action != nat.Masquerade && pd.d.Action != nat.Passthrough {
+		pd.outcome, pd.mark, pd.setMark = UnknownAction, in.mark, false
+		return
+	}
+	pd.outcome = Decided
 	v := h.marks.Passthrough
 	if pd.d.Action == nat.Masquerade {
 		v = h.marks.Masquerade
@@ -544,16 +664,17 @@ func (h *handler) complete(in *inbound, pd *pending, err error, done time.Durati
 		ev.Policy = pd.pol
 		ev.Mark = pd.mark
 		ev.VerdictErr = err
+		ev.Held = pd.heldFor
+		ev.IdentityUnknown = pd.unknown
 		obs.Decided(ev)
 	}
 }
 
-// decide decodes the packet into p and asks the current policy, which it
-// returns with the decision so the observer names the policy that decided.
-func (h *handler) decide(in *inbound, p *packet.Parsed) (Outcome, nat.Decision, *nat.Policy) {
+// decode decodes the packet into p: Decided when it can be decided.
+func (h *handler) decode(in *inbound, p *packet.Parsed) Outcome {
 	if !in.hasPayload {
 		*p = packet.Parsed{Status: packet.NotIP}
-		return NoPayload, nat.Decision{}, nil
+		return NoPayload
 	}
 	switch in.hwProto {
 	case 0x0800:
@@ -564,17 +685,9 @@ func (h *handler) decide(in *inbound, p *packet.Parsed) (Outcome, nat.Decision, 
 		p.Decode(in.payload)
 	}
 	if !p.Status.Valid() {
-		return Malformed, nat.Decision{}, nil
+		return Malformed
 	}
-	pol := h.q.cfg.Policy()
-	if pol == nil {
-		return NoPolicy, nat.Decision{}, nil
-	}
-	d := pol.Decide(p.Dst)
-	if d.Action != nat.Masquerade && d.Action != nat.Passthrough {
-		return UnknownAction, d, pol
-	}
-	return Decided, d, pol
+	return Decided
 }
 
 // panicked counts and logs (rate-limited) a recovered panic.

@@ -67,11 +67,19 @@ func (q *Queue) Run(ctx context.Context) error {
 		bindings = append(bindings, b)
 	}
 	close(q.ready)
+	stopHold := make(chan struct{})
+	if q.hold != nil {
+		go q.hold.run(stopHold)
+	}
 
 	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-fatal:
+	}
+	if q.hold != nil {
+		close(stopHold)
+		<-q.hold.done
 	}
 	q.shutdown(bindings)
 	return err
@@ -219,8 +227,10 @@ func (q *Queue) bind(index int, fatal chan<- error) (*binding, error) {
 
 	// One verdict writer per deciding goroutine: each owns its buffer.
 	handlers := make([]*handler, max(1, q.cfg.Workers))
+	holdOut := q.newHoldHandler(index, newRawVerdicter(fd, num))
 	for w := range handlers {
 		handlers[w] = q.newHandler(index, w, newRawVerdicter(fd, num))
+		handlers[w].holdOut = holdOut
 	}
 	if q.cfg.Workers == 0 {
 		b.inline = handlers[0]
@@ -591,6 +601,11 @@ func (q *Queue) shutdown(bindings []*binding) {
 		if err := b.stopQueueing(); err != nil {
 			q.cfg.Logger.Warn("nfqueue: could not set the queue length to 0 before draining", "queue", b.num, "err", err)
 		}
+	}
+	// Packets waiting for an identity are answered before the drain
+	// waits for the queue to empty.
+	if q.hold != nil {
+		q.hold.close()
 	}
 	deadline := time.Now().Add(q.cfg.DrainTimeout)
 	for _, b := range bindings {

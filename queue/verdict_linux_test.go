@@ -38,7 +38,7 @@ func TestVerdictWritersAllocs(t *testing.T) {
 	allocs = testing.AllocsPerRun(100, func() {
 		for range maxBatch {
 			id++
-			vb.add(id, 0x1000, id%2 == 0)
+			vb.add(id, 0x1000, id%2 == 0, false)
 		}
 		if err := vb.flush(); err != nil {
 			t.Fatal(err)

@@ -130,7 +130,7 @@ func TestVerdictBatchRuns(t *testing.T) {
 		{7, 0x5000, true}, {8, 0x1000, true}, // a foreign bit: a different mark
 	}
 	for _, a := range adds {
-		vb.add(a.id, a.mark, a.setMark)
+		vb.add(a.id, a.mark, a.setMark, false)
 	}
 	if err := vb.flush(); err != nil {
 		t.Fatal(err)

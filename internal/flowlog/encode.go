@@ -91,6 +91,14 @@ func (e *encoder) appendJSON(dst []byte, r *Record) []byte {
 		dst = strconv.AppendUint(dst, uint64(r.Queue), 10)
 		dst = appendKey(dst, "latency_us")
 		dst = appendMilli(dst, r.Latency.Nanoseconds())
+		if r.Held > 0 {
+			dst = appendKey(dst, "held_us")
+			dst = appendMilli(dst, r.Held.Nanoseconds())
+		}
+		if r.IdentityUnknown {
+			dst = appendKey(dst, "identity")
+			dst = appendString(dst, "unknown")
+		}
 		if r.Sample > 1 {
 			dst = appendKey(dst, "sample")
 			dst = strconv.AppendUint(dst, uint64(r.Sample), 10)

@@ -125,6 +125,13 @@ type Record struct {
 	// Latency is from the packet's arrival in userspace to its verdict
 	// (decision records).
 	Latency time.Duration
+	// Held is how long the packet waited for its pod's identity before it
+	// was decided (decision records; written when not zero).
+	Held time.Duration
+	// IdentityUnknown says the packet was decided without its pod's
+	// identity: the wait for it ran out, so MasqueradePolicies could not
+	// apply and the node policy decided (decision records).
+	IdentityUnknown bool
 	// Sample is the 1-in-N sampling rate in force when the record was kept;
 	// set by the Logger on decision records, written when above 1.
 	Sample uint32
