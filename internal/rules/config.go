@@ -77,6 +77,10 @@ type Config struct {
 	// fallback, which still marks it (so conntrack records who decided),
 	// and nothing waits in a queue whose reader is about to close.
 	QueuePaused bool
+	// PolicySets are the kernel fallback of the MasqueradePolicies: one
+	// per distinct set of policies selecting a pod the agent knows,
+	// decided ahead of the node policy.
+	PolicySets []PolicySet
 }
 
 // DefaultConfig returns a Config with every default set and no prefixes.
@@ -132,6 +136,23 @@ func (c *Config) Validate() error {
 	}
 	if c.IPSetThreshold < 0 {
 		return fmt.Errorf("ipset threshold %d is negative", c.IPSetThreshold)
+	}
+	ids := map[string]bool{}
+	for _, ps := range c.PolicySets {
+		if !validPolicySetID(ps.ID) || ids[ps.ID] {
+			return fmt.Errorf("MasqueradePolicy set id %q: want 8 hex digits, unique", ps.ID)
+		}
+		ids[ps.ID] = true
+		for _, a := range ps.Pods {
+			if !a.IsValid() || a.Zone() != "" || a.Is4In6() || a.Is6() && !c.EnableIPv6 {
+				return fmt.Errorf("MasqueradePolicy set %s: pod address %s", ps.ID, a)
+			}
+		}
+		for _, d := range ps.Destinations {
+			if err := checkPrefix("MasqueradePolicy destination", d.Prefix); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -256,8 +257,10 @@ func (f *Fake) restoreLine(tables map[string]*fakeTable, cur **fakeTable, line s
 				return fmt.Errorf("jump to missing chain %s", target)
 			}
 		}
-		if set := matchSet(spec); set != "" && f.sets[set] == nil {
-			return fmt.Errorf("set %s doesn't exist", set)
+		for _, set := range matchSets(spec) {
+			if f.sets[set] == nil {
+				return fmt.Errorf("set %s doesn't exist", set)
+			}
 		}
 		if op == "-A" {
 			t.chains[name] = append(rules, spec)
@@ -291,12 +294,16 @@ func (f *Fake) restoreLine(tables map[string]*fakeTable, cur **fakeTable, line s
 	return nil
 }
 
-func matchSet(spec string) string {
+// matchSets returns the ipsets a rule matches.
+func matchSets(spec string) []string {
+	var out []string
 	w := splitWords(spec)
-	if i := slices.Index(w, "--match-set"); i >= 0 && i+1 < len(w) {
-		return w[i+1]
+	for i := range w {
+		if w[i] == "--match-set" && i+1 < len(w) {
+			out = append(out, w[i+1])
+		}
 	}
-	return ""
+	return out
 }
 
 func (f *Fake) setReferenced(name string) bool {
@@ -304,7 +311,7 @@ func (f *Fake) setReferenced(name string) bool {
 		for _, t := range tables {
 			for _, rs := range t.chains {
 				for _, r := range rs {
-					if matchSet(r) == name {
+					if slices.Contains(matchSets(r), name) {
 						return true
 					}
 				}
@@ -331,7 +338,11 @@ func (f *Fake) ipset(stdin []byte, args []string, fail func(string, ...any) ([]b
 		fmt.Fprintf(&b, "create %s %s hashsize 1024 maxelem 65536 bucketsize 12 initval 0x1\n", args[1], s.kind)
 		for _, e := range s.entries {
 			// ipset prints host entries without their prefix length.
-			e = strings.TrimSuffix(strings.TrimSuffix(e, "/32"), "/128")
+			f := strings.Fields(e)
+			if p, err := netip.ParsePrefix(f[0]); err == nil && p.IsSingleIP() {
+				f[0] = p.Addr().String()
+			}
+			e = strings.Join(f, " ")
 			fmt.Fprintf(&b, "add %s %s\n", args[1], e)
 		}
 		return []byte(b.String()), nil
@@ -368,15 +379,15 @@ func (f *Fake) ipsetCommand(w []string) error {
 			return fmt.Errorf("set %s already exists", w[1])
 		}
 		f.sets[w[1]] = &fakeSet{kind: strings.Join(w[2:5], " ")}
-	case w[0] == "add" && len(w) == 3:
+	case w[0] == "add" && (len(w) == 3 || len(w) == 4 && w[3] == "nomatch"):
 		s, err := need(w[1])
 		if err != nil {
 			return err
 		}
-		if slices.Contains(s.entries, w[2]) {
+		if slices.ContainsFunc(s.entries, func(e string) bool { return strings.Fields(e)[0] == w[2] }) {
 			return fmt.Errorf("element %s is already added", w[2])
 		}
-		s.entries = append(s.entries, w[2])
+		s.entries = append(s.entries, strings.Join(w[2:], " "))
 	case w[0] == "swap" && len(w) == 3:
 		a, err := need(w[1])
 		if err != nil {

@@ -51,6 +51,11 @@ func (in *Installer) Install(ctx context.Context, cfg Config) error {
 				return fmt.Errorf("fill ipset %s: %w", SetName(fam), err)
 			}
 		}
+		if policyInput := PlanPolicySets(cfg, fam, sets); policyInput != nil {
+			if _, err := in.Runner.Run(ctx, policyInput, "ipset", "restore"); err != nil {
+				return fmt.Errorf("fill the MasqueradePolicy ipsets: %w", err)
+			}
+		}
 		save, err := in.save(ctx, fam, "mangle", "nat")
 		if err != nil {
 			return err
@@ -68,7 +73,9 @@ func (in *Installer) Install(ctx context.Context, cfg Config) error {
 			}
 		}
 	}
-	return nil
+	// Policy sets no rule references any more (both families' rules are
+	// in place now).
+	return in.destroySets(ctx, sets, staleSets(cfg, sets)...)
 }
 
 // Check compares the live rules (and ipsets) with cfg. It returns an error
@@ -84,6 +91,12 @@ func (in *Installer) Check(ctx context.Context, cfg Config) error {
 			return err
 		}
 		if err := Verify(cfg, fam, save); err != nil {
+			return err
+		}
+		if err := VerifyPolicySets(cfg, fam, func(name string) (string, error) {
+			out, err := in.Runner.Run(ctx, nil, "ipset", "save", name)
+			return string(out), err
+		}); err != nil {
 			return err
 		}
 		if !cfg.usesSet(fam) {
@@ -124,7 +137,13 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 	case err != nil:
 		errs = append(errs, err)
 	default:
-		errs = append(errs, in.destroySets(ctx, sets, ourSets()...))
+		ours := ourSets()
+		for _, name := range sets {
+			if strings.HasPrefix(name, PolicySetPrefix) {
+				ours = append(ours, name)
+			}
+		}
+		errs = append(errs, in.destroySets(ctx, sets, ours...))
 	}
 	return errors.Join(errs...)
 }

@@ -119,6 +119,7 @@ func TestKernelInstallVerifyUninstall(t *testing.T) {
 			{"ipset dual-stack", func(c *Config) { c.IPSetThreshold = 1 }},
 			{"default route, 2 queues", func(c *Config) { c.NonMasquerade4 = prefixes(t, "0.0.0.0/0"); c.Queues = 2 }},
 			{"kernel-only", func(c *Config) { c.QueueEnabled = false }},
+			{"policy-sets", func(c *Config) { c.PolicySets = kernelPolicySets() }},
 		} {
 			t.Run(string(b)+"/"+tt.name, func(t *testing.T) {
 				k := newKernelNode(t, netnstest.New(t, "rules"), b)
@@ -216,6 +217,7 @@ func TestKernelDecisions(t *testing.T) {
 			{"rules", func(*Config) {}},
 			{"ipset", func(c *Config) { c.IPSetThreshold = 0 }},
 			{"kernel-only", func(c *Config) { c.QueueEnabled = false }},
+			{"policy-sets", func(c *Config) { c.PolicySets = kernelPolicySets() }},
 		} {
 			t.Run(string(b)+"/"+tt.name, func(t *testing.T) {
 				testDecisions(t, b, tt.edit)
@@ -239,6 +241,11 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 	if err := k.in.Install(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
+	// The real tools print back what Check expects (ipset's nomatch and
+	// hash:ip entries included).
+	if err := k.in.Check(ctx, cfg); err != nil {
+		t.Fatalf("Check after Install: %v", err)
+	}
 
 	const port = 7777
 	node := map[bool]netip.Addr{false: sandbox.NodeAddr4, true: sandbox.NodeAddr6}
@@ -253,13 +260,25 @@ func testDecisions(t *testing.T, b Backend, edit func(*Config)) {
 		{sandbox.CGNAT4, 0, true},
 		{sandbox.Internal6, 0, false},
 	}
-	if cfg.QueueEnabled {
+	switch {
+	case len(cfg.PolicySets) > 0:
+		// Every flow to the fallback: the pod's policy set decides
+		// ahead of the node policy, except where it leaves it to it.
+		wants = []want{
+			{sandbox.LinkLocal4, 0, false}, // no policy entry: the node keeps it
+			{sandbox.CGNAT4, 0, false},     // keep 100.64.0.0/10 over the node's masquerade
+			{sandbox.Internal4, 0, true},   // masquerade 10.200.0.0/16 over the node's 10.0.0.0/8
+			{sandbox.Internet4, 0, true},   // in the except 11.0.0.0/24 of keep 11.0.0.0/8: the node's masquerade
+			{sandbox.Internal6, 0, true},   // masquerade fd00:200::/32 over the node's fd00::/8
+			{sandbox.Internet6, 0, false},  // keep 2001:db8::/32
+		}
+	case cfg.QueueEnabled:
 		// A verdict wins over what the fallback would decide.
 		wants = append(wants,
 			want{sandbox.Internal4, cfg.Mark.Masquerade, true},
 			want{sandbox.Internet4, cfg.Mark.Passthrough, false},
 			want{sandbox.Internet6, cfg.Mark.Passthrough, false})
-	} else {
+	default:
 		wants = append(wants,
 			want{sandbox.Internal4, 0, false},
 			want{sandbox.Internet4, 0, true},

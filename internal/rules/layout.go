@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -114,7 +115,7 @@ func natTable(cfg *Config, fam Family, pods []netip.Prefix, postHead, fallbackHe
 		post = append(post, join("-s", p.String(), comment("undecided pod flow to the kernel fallback"), "-j", ChainFallback))
 	}
 
-	fallback := fallbackHead
+	fallback := append(slices.Clone(fallbackHead), policyRules(cfg, fam)...)
 	list := cfg.nonMasquerade(fam)
 	switch {
 	case hasDefaultRoute(list):

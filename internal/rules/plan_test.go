@@ -3,6 +3,7 @@ package rules
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -447,3 +448,59 @@ func TestRestoreErrorQuotesLine(t *testing.T) {
 const previousLayout = "*mangle\n:NFMASQ-PREROUTING - [0:0]\n" +
 	"-A NFMASQ-PREROUTING -m comment --comment \"nfmasq: restore the decision from the connmark\" -j CONNMARK --restore-mark --nfmask 0x3000 --ctmask 0x3000\n" +
 	"-I PREROUTING 1 -m comment --comment \"nfmasq: restore flow decisions\" -j NFMASQ-PREROUTING\nCOMMIT\n"
+
+// MasqueradePolicy sets: their ipsets are filled before the rules that
+// use them, Check reads them back, a set no longer used is destroyed
+// after its rules are gone, and Uninstall removes them all.
+func TestInstallPolicySets(t *testing.T) {
+	ctx := context.Background()
+	f, in := newFakeInstaller(t)
+	cfg := testConfig(t)
+	dualStack(t, &cfg)
+	two := PolicySet{ID: "0000beef", Pods: []netip.Addr{netip.MustParseAddr("10.244.1.9")},
+		Destinations: []PolicyDestination{{Prefix: netip.MustParsePrefix("0.0.0.0/0"), Decides: true, Masquerade: true}}}
+	cfg.PolicySets = append(kernelPolicySets(), two)
+	cfg.PolicySets[0].Pods = []netip.Addr{netip.MustParseAddr("10.244.1.2"), netip.MustParseAddr("fd00:10:244:1::2")}
+	if err := in.Install(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.Check(ctx, cfg); err != nil {
+		t.Fatalf("Check after Install: %v", err)
+	}
+	dump := f.dump(t)
+	for _, want := range []string{
+		`-A NFMASQ-FALLBACK -m set --match-set nfmasq-mp-0123abcd-s4 src -m set --match-set nfmasq-mp-0123abcd-m4 dst -m comment --comment "nfmasq: MasqueradePolicy set 0123abcd: masquerade" -j NFMASQ-MASQUERADE`,
+		`-A NFMASQ-FALLBACK -m set --match-set nfmasq-mp-0123abcd-s4 src -m set --match-set nfmasq-mp-0123abcd-k4 dst -m comment --comment "nfmasq: MasqueradePolicy set 0123abcd: keep the pod address" -j RETURN`,
+		"add nfmasq-mp-0123abcd-k4 11.0.0.0/24 nomatch",
+		"add nfmasq-mp-0123abcd-m4 11.0.0.0/8 nomatch",
+		"add nfmasq-mp-0123abcd-k6 2001:db8::/32",
+		"add nfmasq-mp-0123abcd-s6 fd00:10:244:1::2",
+		// hash:net cannot hold a /0: two /1s.
+		"add nfmasq-mp-0000beef-m4 0.0.0.0/1",
+		"add nfmasq-mp-0000beef-m4 128.0.0.0/1",
+	} {
+		if !strings.Contains(dump, want+"\n") {
+			t.Errorf("missing %q in:\n%s", want, dump)
+		}
+	}
+	if strings.Contains(dump, "nfmasq-mp-0000beef-k4") || strings.Contains(dump, "nfmasq-mp-0000beef-s6") {
+		t.Error("a set with no keep entries (or no IPv6 pod) got an ipset for it")
+	}
+	// Someone empties a set: Check sees it.
+	if _, err := f.Run(ctx, []byte("destroy nfmasq-mp-0123abcd-k4\n"), "ipset", "restore"); err == nil {
+		t.Fatal("destroyed a set a rule uses")
+	}
+	cfg.PolicySets = cfg.PolicySets[:1]
+	if err := in.Install(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if dump := f.dump(t); strings.Contains(dump, "0000beef") {
+		t.Errorf("the unused set is left:\n%s", dump)
+	}
+	if err := in.Uninstall(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if dump := f.dump(t); strings.Contains(dump, PolicySetPrefix) {
+		t.Errorf("Uninstall left policy sets:\n%s", dump)
+	}
+}
