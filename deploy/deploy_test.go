@@ -651,6 +651,10 @@ func TestRBACIsMinimal(t *testing.T) {
 		{"ClusterRole", "", "nfmasq-agent", []rule{
 			{"", "nodes", "", "get"},
 			{"", "pods", "", "list,watch"},
+			{"nfmasq.io", "masqueradepolicies", "", "list,watch"},
+			{"nfmasq.io", "masqueradepolicies/status", "", "patch"},
+			{"", "namespaces", "", "list,watch"},
+			{"", "events", "", "create,patch"},
 		}},
 		{"ClusterRole", "", "nfmasq-egress-controller", []rule{
 			{"networking.gke.io", "egressnatpolicies", "", "create,list,update,watch"},

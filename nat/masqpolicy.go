@@ -11,6 +11,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/selection"
 	"sigs.k8s.io/yaml"
 )
 
@@ -50,9 +51,7 @@ func (d *MasqueradeDestination) contains(a netip.Addr) bool {
 type masqueradePolicyObject struct {
 	APIVersion string `json:"apiVersion"`
 	Kind       string `json:"kind"`
-	Metadata   struct {
-		Name string `json:"name"`
-	} `json:"metadata"`
+	Metadata   metav1.ObjectMeta `json:"metadata"`
 	Spec struct {
 		NamespaceSelector *metav1.LabelSelector `json:"namespaceSelector"`
 		PodSelector       *metav1.LabelSelector `json:"podSelector"`
@@ -119,6 +118,11 @@ func splitYAMLDocuments(data []byte) [][]byte {
 		}
 	}
 	return docs
+}
+
+// ParseMasqueradePolicy reads one MasqueradePolicy object (JSON or YAML).
+func ParseMasqueradePolicy(data []byte) (MasqueradePolicy, error) {
+	return parseMasqueradePolicy(data)
 }
 
 func parseMasqueradePolicy(item []byte) (MasqueradePolicy, error) {
@@ -272,4 +276,94 @@ func (s *MasqueradePolicies) Decide(w Workload, dst netip.Addr) (d Decision, con
 	}
 	p := &s.policies[win]
 	return Decision{Action: p.Action, Prefix: netip.PrefixFrom(dst, best).Masked(), Source: SourceMasqueradePolicy, Origin: p.Name}, conflicting, nil
+}
+
+// Conflict is a tie between two policies: both list CIDR with different
+// actions, and their selectors may select the same pod.
+type Conflict struct {
+	With string
+	CIDR netip.Prefix
+}
+
+// Conflicts returns, for each policy that has any, the policies it may
+// tie with: the same destination CIDR with the other action, and
+// selectors that are not provably disjoint (In or = against In or = with
+// no common value, In against NotIn covering it, Exists against
+// DoesNotExist, on the same key, in the pod or the namespace selector).
+// The answer depends on the policies alone, not on the pods of a node, so
+// every agent reports the same. Masquerade wins where they do tie.
+func (s *MasqueradePolicies) Conflicts() map[string][]Conflict {
+	byCIDR := map[netip.Prefix][]int{}
+	for i := range s.policies {
+		for _, d := range s.policies[i].Destinations {
+			if l := byCIDR[d.CIDR]; len(l) == 0 || l[len(l)-1] != i {
+				byCIDR[d.CIDR] = append(l, i)
+			}
+		}
+	}
+	out := map[string][]Conflict{}
+	for cidr, ps := range byCIDR {
+		for _, a := range ps {
+			for _, b := range ps {
+				pa, pb := &s.policies[a], &s.policies[b]
+				if a == b || pa.Action == pb.Action || !selectorsMayOverlap(pa, pb) {
+					continue
+				}
+				out[pa.Name] = append(out[pa.Name], Conflict{With: pb.Name, CIDR: cidr})
+			}
+		}
+	}
+	for name, cs := range out {
+		slices.SortFunc(cs, func(x, y Conflict) int {
+			if c := strings.Compare(x.With, y.With); c != 0 {
+				return c
+			}
+			if c := x.CIDR.Addr().Compare(y.CIDR.Addr()); c != 0 {
+				return c
+			}
+			return x.CIDR.Bits() - y.CIDR.Bits()
+		})
+		out[name] = cs
+	}
+	return out
+}
+
+func selectorsMayOverlap(a, b *MasqueradePolicy) bool {
+	return !disjoint(a.PodSelector, b.PodSelector) && !disjoint(a.NamespaceSelector, b.NamespaceSelector)
+}
+
+// disjoint reports whether no label set can match both selectors, as far
+// as requirement pairs on one key show it.
+func disjoint(a, b labels.Selector) bool {
+	ra, _ := a.Requirements()
+	rb, _ := b.Requirements()
+	for _, x := range ra {
+		for _, y := range rb {
+			if x.Key() == y.Key() && (excludes(x, y) || excludes(y, x)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// excludes reports whether requirements x and y on the same key cannot
+// both hold.
+func excludes(x, y labels.Requirement) bool {
+	positive := func(r labels.Requirement) bool {
+		switch r.Operator() {
+		case selection.In, selection.Equals, selection.DoubleEquals:
+			return true
+		}
+		return false
+	}
+	switch {
+	case positive(x) && positive(y):
+		return x.Values().Intersection(y.Values()).Len() == 0
+	case positive(x) && (y.Operator() == selection.NotIn || y.Operator() == selection.NotEquals):
+		return y.Values().IsSuperset(x.Values())
+	case positive(x) || x.Operator() == selection.Exists:
+		return y.Operator() == selection.DoesNotExist
+	}
+	return false
 }

@@ -186,3 +186,30 @@ func BenchmarkPolicySetCompile(b *testing.B) {
 	}
 	b.ReportMetric(float64(worst.Microseconds())/1000, "worst-ms")
 }
+
+// Policy-level conflicts: the same CIDR with the other action, unless the
+// selectors provably select different pods.
+func TestMasqueradePoliciesConflicts(t *testing.T) {
+	doc := func(name, action, sel, cidr string) string {
+		return "---\napiVersion: nfmasq.io/v1alpha1\nkind: MasqueradePolicy\nmetadata: {name: " + name + ", labels: {owner: x}}\nspec: {action: " + action + ", " + sel + "destinations: [{cidr: " + cidr + "}]}\n"
+	}
+	ps, errs := ParseMasqueradePolicies([]byte(
+		doc("keep-billing", "NoSNAT", "podSelector: {matchLabels: {app: billing}}, ", "203.0.113.0/24") +
+			doc("hide-web", "Masquerade", "podSelector: {matchLabels: {app: web}}, ", "203.0.113.0/24") +
+			doc("hide-all", "Masquerade", "", "203.0.113.0/24") +
+			doc("hide-untiered", "Masquerade", "podSelector: {matchExpressions: [{key: app, operator: DoesNotExist}]}, ", "203.0.113.0/24") +
+			doc("hide-other-len", "Masquerade", "", "203.0.113.0/25")))
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	all, _ := NewMasqueradePolicies(ps, nil)
+	got := all.Conflicts()
+	cidr := netip.MustParsePrefix("203.0.113.0/24")
+	want := map[string][]Conflict{
+		"keep-billing": {{"hide-all", cidr}},
+		"hide-all":     {{"keep-billing", cidr}},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("conflicts %v, want %v", got, want)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
@@ -39,6 +40,8 @@ type agentFlags struct {
 	logFormat    string
 	logLevel     string
 	reconcileTCP bool
+	identityWait time.Duration
+	masqPolicies bool
 	kubeconfig   string
 	flowLog      flowLogFlags
 	ipfix        ipfixFlags
@@ -121,6 +124,10 @@ re-read every resyncInterval; a bad file keeps the last good policy.`,
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&f.reconcileTCP, "reconcile-tcp", false,
 		"on a policy change also delete the conntrack entries of TCP flows whose decision changed (breaks those connections); UDP and ICMP are always re-decided")
+	fs.DurationVar(&f.identityWait, "identity-wait", DefaultIdentityWait,
+		"while MasqueradePolicies exist, how long the first packet from a pod address the agent does not know yet waits for the pod's identity before the node policy decides it (0: never waits)")
+	fs.BoolVar(&f.masqPolicies, "masquerade-policies", true,
+		"apply MasqueradePolicies (masqueradepolicies.nfmasq.io) to the pods of this node; needs the API (NODE_NAME and a service account or --kubeconfig)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "",
 		"kubeconfig for running outside a cluster (pod CIDR discovery, pod names in flow records); in a cluster the service account is used")
 	f.flowLog.register(fs)
@@ -143,6 +150,17 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 	return nil, fmt.Errorf("--log-format %q: want text or json", format)
 }
 
+// DefaultIdentityWait is --identity-wait's default. A pod's address
+// reaches the agent's informer when kubelet reports it, after the pod's
+// sandbox is up: the e2e test measures how long a pod that connects at
+// once waits (docs/masquerade-policy.md). A second covers that path on a
+// loaded API server, and bounds what a pod the agent never learns of pays.
+const DefaultIdentityWait = time.Second
+
+// workloadsStartWait bounds the agent's wait at start for the first list
+// of MasqueradePolicies (agent.Config.WorkloadsStartWait).
+const workloadsStartWait = 10 * time.Second
+
 // startupError marks errors that come from flags: the agent refuses to
 // start (exit 2).
 func startupError(err error) error { return &exitError{code: exitConfig, err: err} }
@@ -162,9 +180,12 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	if f.busyPoll < 0 || f.busyPoll > time.Millisecond {
 		return startupError(fmt.Errorf("--busy-poll %v: must be between 0 and 1ms", f.busyPoll))
 	}
-	client, err := kube.OptionalClient(f.kubeconfig)
+	client, dyn, err := kube.OptionalClients(f.kubeconfig)
 	if err != nil {
 		return startupError(err)
+	}
+	if f.identityWait < 0 || f.identityWait > time.Minute {
+		return startupError(fmt.Errorf("--identity-wait %v: must be between 0 and 1m", f.identityWait))
 	}
 	if len(f.dataplane.podCIDRs) == 0 {
 		if client == nil {
@@ -237,24 +258,43 @@ func runAgent(ctx context.Context, f *agentFlags, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	var deps agent.Deps
-	if idx := kube.StartPodIndex(ctx, client, os.Getenv("NODE_NAME"), log); idx != nil {
+	idx := kube.StartPodIndex(ctx, client, os.Getenv("NODE_NAME"), log)
+	if idx != nil {
 		deps.Pods = idx
 	}
+	var startWait time.Duration
+	if f.masqPolicies {
+		clusterCIDRs, err := parsePrefixes(f.policy.clusterCIDRs)
+		if err != nil {
+			return startupError(fmt.Errorf("--cluster-cidr: %w", err))
+		}
+		w, served := kube.StartMasqueradeWatcher(ctx, client, dyn, idx, kube.MasqueradeOptions{
+			PodCIDRs: dp.PodCIDRs, ClusterCIDRs: clusterCIDRs, Node: os.Getenv("NODE_NAME"), Logger: log,
+		})
+		if w != nil {
+			deps.Workloads = w
+		}
+		if served {
+			startWait = workloadsStartWait
+		}
+	}
 	a, err := agent.New(agent.Config{
-		Source:           f.policy.source(),
-		Dataplane:        dp,
-		Backend:          backend,
-		Workers:          f.workers,
-		BusyPoll:         f.busyPoll,
-		ReconcileTCP:     f.reconcileTCP,
-		IPMasqAgentChain: f.masqChain,
-		FlowLog:          flowLog,
-		PodWait:          f.flowLog.podWait,
-		NatRecords:       f.flowLog.nat,
-		Exporter:         natExporter(exp),
-		Metrics:          metricsLn,
-		Scrape:           scrapeLn,
-		Logger:           log,
+		Source:             f.policy.source(),
+		Dataplane:          dp,
+		Backend:            backend,
+		Workers:            f.workers,
+		BusyPoll:           f.busyPoll,
+		ReconcileTCP:       f.reconcileTCP,
+		IPMasqAgentChain:   f.masqChain,
+		FlowLog:            flowLog,
+		PodWait:            f.flowLog.podWait,
+		IdentityWait:       f.identityWait,
+		WorkloadsStartWait: startWait,
+		NatRecords:         f.flowLog.nat,
+		Exporter:           natExporter(exp),
+		Metrics:            metricsLn,
+		Scrape:             scrapeLn,
+		Logger:             log,
 	}, deps)
 	if err == nil {
 		err = a.Run(ctx)
@@ -331,4 +371,17 @@ func (f *flowLogFlags) options() (flowlog.Options, error) {
 		Sink: sink, Node: node, Sample: f.sample, Ceiling: f.ceiling,
 		MaxFileMB: f.maxMB, MaxFiles: f.maxFiles, Buffer: f.buffer, Compress: f.compress,
 	}, nil
+}
+
+// parsePrefixes parses CIDR flag values.
+func parsePrefixes(ss []string) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(ss))
+	for _, s := range ss {
+		p, err := nat.ParseCIDR(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }

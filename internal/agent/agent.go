@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,6 +52,16 @@ type Config struct {
 	// masqueraded pod flow (the IPFIX exporter). The caller closes it
 	// after Run returns.
 	Exporter NATExporter
+	// IdentityWait is how long the first packet from an address of the
+	// node's pod ranges that no known pod has waits for the pod's
+	// identity, while MasqueradePolicies exist (queue.Config).
+	IdentityWait time.Duration
+	// WorkloadsStartWait bounds how long the start waits for the first
+	// per-pod decisions (Deps.Workloads): meanwhile the rules an earlier
+	// run left keep deciding, with its MasqueradePolicy sets, where
+	// starting without them would put the node policy in their place
+	// until they arrive. 0 does not wait.
+	WorkloadsStartWait time.Duration
 	// PodWait is how long a decision record whose source no pod is known
 	// for yet waits for the pod's name: kubelet publishes a new pod's
 	// address after its containers start, so its first flows would
@@ -94,6 +105,18 @@ type Deps struct {
 	Clock clock.Clock
 	// Pods names the pods of this node for flow records; nil names none.
 	Pods PodNames
+	// Workloads gives the per-pod MasqueradePolicy decisions; nil for
+	// none (the node policy decides every flow).
+	Workloads WorkloadSource
+}
+
+// WorkloadSource publishes the per-pod MasqueradePolicy decisions
+// (kube.MasqueradeWatcher).
+type WorkloadSource interface {
+	// Workloads returns the decisions in force, nil before the first.
+	Workloads() *nat.Workloads
+	// Changed returns a channel closed at the next publish.
+	Changed() <-chan struct{}
 }
 
 // PodNames names the pods of this node by address (kube.PodIndex).
@@ -142,6 +165,7 @@ type Agent struct {
 	ct      Conntrack
 	clock   clock.Clock
 	pods    PodNames
+	wl      WorkloadSource
 	metrics *metrics
 	audit   *audit
 
@@ -167,6 +191,28 @@ type Agent struct {
 	ctDrops     uint64 // conntrack's drop counter at the last resync
 	ctDropsRead bool   // ctDrops holds a reading
 	ctFull      bool   // a full conntrack table reported and not yet cleared
+
+	// applied is the Workloads the fallback rules and conntrack were
+	// last brought in line with.
+	appliedWL *nat.Workloads
+	queue     *queue.Queue
+}
+
+// workloads returns the per-pod decisions in force, nil for none.
+func (a *Agent) workloads() *nat.Workloads {
+	if a.wl == nil {
+		return nil
+	}
+	return a.wl.Workloads()
+}
+
+// workloadsChanged returns the source's change channel, nil (never ready)
+// without one.
+func (a *Agent) workloadsChanged() <-chan struct{} {
+	if a.wl == nil {
+		return nil
+	}
+	return a.wl.Changed()
 }
 
 // podName is the name of the pod with address a, "" when unknown.
@@ -186,7 +232,7 @@ func New(cfg Config, deps Deps) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, rules: deps.Rules, ct: deps.Conntrack, clock: deps.Clock, pods: deps.Pods}
+	a := &Agent{cfg: cfg, log: cfg.Logger, rules: deps.Rules, ct: deps.Conntrack, clock: deps.Clock, pods: deps.Pods, wl: deps.Workloads}
 	if a.clock == nil {
 		a.clock = clock.RealClock{}
 	}
@@ -245,10 +291,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		Policy:    a.Policy,
 		Observer:  a.audit,
 		Logger:    a.log,
+		// Without a source no pod is ever unknown: nothing waits.
+		Workloads:    a.workloads,
+		IdentityWait: a.cfg.IdentityWait,
 	})
 	if err != nil {
 		return &StartupError{err}
 	}
+	a.queue = q
 	a.metrics.registerQueue(q)
 
 	var wg sync.WaitGroup
@@ -269,6 +319,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	// whatever an earlier run (kill -9, OOM) left in the kernel; the
 	// queue's bind answers packets that arrive meanwhile
 	// (queue.TestKernelBindUnderLoad).
+	a.waitWorkloads(ctx)
 	a.pauseQueue(ctx)
 	queueCtx, stopQueue := context.WithCancel(context.Background())
 	defer stopQueue()
@@ -289,12 +340,19 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	watch := newConfigWatch(a.cfg.Source.ConfigPath, a.log)
 	defer watch.Close()
+	wlChanged := a.workloadsChanged()
 	a.reload(ctx, "start")
 	a.checkConntrackTable() // the baseline of the drop counter
 
 	for {
 		timer := a.clock.NewTimer(a.resyncInterval())
 		select {
+		case <-wlChanged:
+			timer.Stop()
+			// Taken before the read, so a publish after it is not missed.
+			wlChanged = a.workloadsChanged()
+			q.WorkloadsChanged()
+			a.applyWorkloads(ctx)
 		case <-ctx.Done():
 			timer.Stop()
 			return a.shutdown(stopQueue, queueErr)
@@ -311,6 +369,30 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-timer.C():
 			a.reload(ctx, "resync")
 			a.checkConntrackTable()
+		}
+	}
+}
+
+// waitWorkloads waits for the workload source's first publish, at most
+// Config.WorkloadsStartWait.
+func (a *Agent) waitWorkloads(ctx context.Context) {
+	if a.wl == nil || a.cfg.WorkloadsStartWait <= 0 {
+		return
+	}
+	timer := a.clock.NewTimer(a.cfg.WorkloadsStartWait)
+	defer timer.Stop()
+	for {
+		changed := a.wl.Changed() // before the look, so a publish is not missed
+		if a.workloads() != nil {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timer.C():
+			a.log.Warn("MasqueradePolicies not listed yet; starting with the node policy alone until they are", "waited", a.cfg.WorkloadsStartWait)
+			return
+		case <-ctx.Done():
+			return
 		}
 	}
 }
@@ -365,7 +447,7 @@ func (a *Agent) reload(ctx context.Context, why string) {
 		a.checkRules(ctx)
 		return
 	}
-	cfg, err := a.cfg.Dataplane.RulesConfig(pol)
+	cfg, err := a.rulesConfig(pol, a.workloads())
 	if err != nil {
 		// Flags were checked at start; only the policy can make this
 		// fail (say, IPv6 CIDRs in a family the rules lack).
@@ -400,10 +482,14 @@ func (a *Agent) reload(ctx context.Context, why string) {
 	installed := true
 	if old == nil {
 		a.installed.Store(v)
+		a.appliedWL = a.workloads()
 	} else {
 		a.rulesPending = true
 		installed = a.installRules(ctx, why)
-		a.reconcileConntrack(ctx, old.policy, pol)
+		wl := a.workloads()
+		a.reconcileConntrack(ctx, "policy change", func(src, dst netip.Addr) bool {
+			return wl.Decide(old.policy, src, dst).Action != wl.Decide(pol, src, dst).Action
+		})
 	}
 	// Applied only now: the rules are in and the flows the change
 	// re-decides are gone from conntrack.
@@ -484,26 +570,69 @@ func (a *Agent) checkRules(ctx context.Context) {
 // (kube-proxy does the same for stale UDP entries). TCP entries are left
 // alone unless ReconcileTCP: deleting a masqueraded connection's entry
 // breaks it.
-func (a *Agent) reconcileConntrack(ctx context.Context, old, cur *nat.Policy) {
+func (a *Agent) reconcileConntrack(ctx context.Context, why string, changed func(src, dst netip.Addr) bool) {
 	protos := []uint8{17, 1, 58, 136} // UDP, ICMP, ICMPv6, UDP-Lite
 	if a.cfg.ReconcileTCP {
 		protos = append(protos, 6, 132) // TCP, SCTP
 	}
 	pods := a.cfg.Dataplane.PodCIDRs
 	n, err := a.ct.DeleteStale(ctx, func(f conntrack.Flow) bool {
-		if !conntrack.InPrefixes(pods, f.Orig.Src.Addr()) {
-			return false
-		}
-		dst := f.Orig.Dst.Addr()
-		return old.Decide(dst).Action != cur.Decide(dst).Action
+		src := f.Orig.Src.Addr().Unmap()
+		return conntrack.InPrefixes(pods, src) && changed(src, f.Orig.Dst.Addr().Unmap())
 	}, protos)
 	if err != nil {
-		a.log.Warn("could not re-decide flows after the policy change", "err", err)
+		a.log.Warn("could not re-decide flows after a change", "err", err, "trigger", why)
 		return
 	}
 	if n > 0 {
-		a.log.Info("deleted conntrack entries of flows whose decision changed", "entries", n, "tcp", a.cfg.ReconcileTCP)
+		a.log.Info("deleted conntrack entries of flows whose decision changed", "entries", n, "tcp", a.cfg.ReconcileTCP, "trigger", why)
 	}
+}
+
+// rulesConfig is the rule set of pol with the MasqueradePolicy sets of wl.
+func (a *Agent) rulesConfig(pol *nat.Policy, wl *nat.Workloads) (rules.Config, error) {
+	cfg, err := a.cfg.Dataplane.RulesConfig(pol)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.PolicySets = PolicySets(wl, cfg.EnableIPv6)
+	return cfg, cfg.Validate()
+}
+
+// applyWorkloads brings the kernel fallback's policy sets and conntrack in
+// line with new per-pod decisions: the rules are rewritten when the sets
+// or their pods changed, and the entries of flows from pods whose policies
+// changed, and whose decision did, are deleted. Pods whose policies did
+// not change are not looked at again.
+func (a *Agent) applyWorkloads(ctx context.Context) {
+	wl := a.workloads()
+	old := a.appliedWL
+	a.appliedWL = wl
+	v := a.cur.Load()
+	if v == nil {
+		return // the first reload installs everything
+	}
+	cfg, err := a.rulesConfig(v.policy, wl)
+	if err != nil {
+		a.log.Error("MasqueradePolicy sets cannot be installed", "err", err)
+		return
+	}
+	if !slices.EqualFunc(cfg.PolicySets, a.rulesCfg.PolicySets, samePolicySet) {
+		a.rulesCfg = cfg
+		a.rulesPending = true
+		if a.installRules(ctx, "MasqueradePolicy change") {
+			a.log.Info("MasqueradePolicy fallback sets installed", "sets", len(cfg.PolicySets))
+		}
+	}
+	pol := v.policy
+	a.reconcileConntrack(ctx, "MasqueradePolicy change", func(src, dst netip.Addr) bool {
+		os, oknown := old.Pod(src)
+		ns, nknown := wl.Pod(src)
+		if os == ns && oknown == nknown {
+			return false
+		}
+		return os.DecideOr(pol, dst).Action != ns.DecideOr(pol, dst).Action
+	})
 }
 
 // pauseQueue installs the rule set of the config on disk without the
@@ -514,7 +643,7 @@ func (a *Agent) pauseQueue(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	cfg, err := a.cfg.Dataplane.RulesConfig(pol)
+	cfg, err := a.rulesConfig(pol, a.workloads())
 	if err != nil {
 		return
 	}

@@ -245,6 +245,12 @@ func (au *audit) Decided(ev *queue.Event) {
 		Origin:  ev.Decision.Origin,
 		Queue:   ev.Queue,
 		Latency: ev.Latency,
+
+		Held:            ev.Held,
+		IdentityUnknown: ev.IdentityUnknown,
+	}
+	if ev.Held > 0 {
+		au.a.metrics.identityWait.Observe(ev.Held.Seconds())
 	}
 	if pol := ev.Policy; pol != nil {
 		rec.PolicyHash = pol.Hash()

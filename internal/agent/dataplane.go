@@ -1,9 +1,13 @@
 package agent
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 
 	"github.com/nfmasq/nfmasq/internal/mark"
 	"github.com/nfmasq/nfmasq/internal/rules"
@@ -62,4 +66,42 @@ func (d Dataplane) RulesConfig(pol *nat.Policy) (rules.Config, error) {
 		return rules.Config{}, err
 	}
 	return cfg, nil
+}
+
+// PolicySets returns the kernel fallback of the per-pod decisions: one
+// rules.PolicySet per distinct set of MasqueradePolicies, with the known
+// pods it applies to (IPv6 pods only with IPv6 enabled), sorted by ID.
+func PolicySets(wl *nat.Workloads, enableIPv6 bool) []rules.PolicySet {
+	bySet := map[*nat.PolicySet][]netip.Addr{}
+	wl.Each(func(a netip.Addr, s *nat.PolicySet) {
+		if s != nil && (a.Is4() || enableIPv6) {
+			bySet[s] = append(bySet[s], a)
+		}
+	})
+	out := make([]rules.PolicySet, 0, len(bySet))
+	for s, pods := range bySet {
+		slices.SortFunc(pods, netip.Addr.Compare)
+		ps := rules.PolicySet{ID: policySetID(s.Key()), Pods: pods}
+		for _, e := range s.Entries() {
+			if e.Prefix.Addr().Is6() && !enableIPv6 {
+				continue
+			}
+			ps.Destinations = append(ps.Destinations, rules.PolicyDestination{Prefix: e.Prefix, Decides: e.Decides, Masquerade: e.Action == nat.Masquerade})
+		}
+		out = append(out, ps)
+	}
+	slices.SortFunc(out, func(x, y rules.PolicySet) int { return strings.Compare(x.ID, y.ID) })
+	return out
+}
+
+// policySetID names a set of policies in the kernel: 8 hex digits of the
+// SHA-256 of its policy names. Two sets colliding would share ipsets; with
+// the handful of sets a node has the odds are about n²/2³³.
+func policySetID(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:4])
+}
+
+func samePolicySet(x, y rules.PolicySet) bool {
+	return x.ID == y.ID && slices.Equal(x.Pods, y.Pods) && slices.Equal(x.Destinations, y.Destinations)
 }

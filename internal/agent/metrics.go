@@ -2,6 +2,7 @@ package agent
 
 import (
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -24,6 +25,7 @@ type metrics struct {
 	installErrors  prometheus.Counter
 	rulesRestored  prometheus.Counter
 	latency        prometheus.Histogram
+	identityWait   prometheus.Histogram
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -47,8 +49,13 @@ func newMetrics(a *Agent) *metrics {
 			Help:    "Time from a packet's arrival in user space to its verdict.",
 			Buckets: []float64{1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 10e-3},
 		}),
+		identityWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "nfmasq_identity_wait_seconds",
+			Help:    "How long first packets from a pod not known yet waited for its identity (MasqueradePolicies), until known or --identity-wait ran out.",
+			Buckets: []float64{1e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1, 2.5, 5},
+		}),
 	}
-	reg.MustRegister(m.reloadFailures, m.installErrors, m.rulesRestored, m.latency,
+	reg.MustRegister(m.reloadFailures, m.installErrors, m.rulesRestored, m.latency, m.identityWait, workloadCollector{a},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		policyCollector{a}, conntrackTableCollector{}, auditCollector{a.audit})
 	if c, ok := a.cfg.Exporter.(prometheus.Collector); ok {
@@ -73,6 +80,10 @@ var (
 	descVerdErr   = prometheus.NewDesc("nfmasq_verdict_errors_total", "Verdicts that could not be sent.", nil, nil)
 	descSkipped   = prometheus.NewDesc("nfmasq_queue_skipped_total", "Packet ids that never reached the agent (socket overflow; with fail-open the kernel fallback decided them).", nil, nil)
 	descNetlink   = prometheus.NewDesc("nfmasq_netlink_errors_total", "Netlink receive errors, by errno.", []string{"errno"}, nil)
+	descHeld      = prometheus.NewDesc("nfmasq_identity_held_total", "First packets held for their pod's identity (a pod-range source no known pod has, while MasqueradePolicies exist).", nil, nil)
+	descExpired   = prometheus.NewDesc("nfmasq_identity_expired_total", "Held packets decided without their pod's identity when --identity-wait ran out (the node policy decided).", nil, nil)
+	descOverflow  = prometheus.NewDesc("nfmasq_identity_hold_overflow_total", "Packets decided at once, without their pod's identity, because the hold was full.", nil, nil)
+	descHolding   = prometheus.NewDesc("nfmasq_identity_holding", "Packets waiting for their pod's identity now.", nil, nil)
 	descProc      = prometheus.NewDesc("nfmasq_nfqueue_kernel", "Kernel counters of each bound queue from "+queue.ProcStatsPath+".", []string{"queue", "counter"}, nil)
 )
 
@@ -80,7 +91,7 @@ var (
 type queueCollector struct{ q *queue.Queue }
 
 func (c queueCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPackets, descDecisions, descUndecided, descMalformed, descPanics, descVerdErr, descSkipped, descNetlink, descProc} {
+	for _, d := range []*prometheus.Desc{descPackets, descDecisions, descUndecided, descMalformed, descPanics, descVerdErr, descSkipped, descNetlink, descProc, descHeld, descExpired, descOverflow, descHolding} {
 		ch <- d
 	}
 }
@@ -107,6 +118,10 @@ func (c queueCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descNetlink, s.NetlinkENOBUFS, "ENOBUFS")
 	counter(descNetlink, s.NetlinkENOENT, "ENOENT")
 	counter(descNetlink, s.NetlinkOther, "other")
+	counter(descHeld, s.Held)
+	counter(descExpired, s.HeldExpired)
+	counter(descOverflow, s.HeldOverflow)
+	ch <- prometheus.MustNewConstMetric(descHolding, prometheus.GaugeValue, float64(s.Holding))
 
 	stats, err := c.q.ProcStats()
 	if err != nil {
@@ -209,5 +224,46 @@ func (conntrackTableCollector) Collect(ch chan<- prometheus.Metric) {
 		if v, ok := sums[name]; ok {
 			ch <- prometheus.MustNewConstMetric(descCTDrops, prometheus.CounterValue, float64(v), name)
 		}
+	}
+}
+
+var (
+	descMPPods     = prometheus.NewDesc("nfmasq_masquerade_policy_pods", "Pods of this node known to the MasqueradePolicy decisions, by whether any policy selects them.", []string{"selected"}, nil)
+	descMPSets     = prometheus.NewDesc("nfmasq_masquerade_policy_sets", "Distinct sets of MasqueradePolicies selecting this node's pods (each one compiled table and one group of fallback ipsets).", nil, nil)
+	descMPPolicies = prometheus.NewDesc("nfmasq_masquerade_policies", "MasqueradePolicies in the cluster, by whether they are valid (invalid ones are skipped; see their Valid condition).", []string{"valid"}, nil)
+)
+
+// PolicyCounter is a WorkloadSource that counts the policies it compiled.
+type PolicyCounter interface {
+	PolicyCounts() (valid, invalid int)
+}
+
+// workloadCollector reads the per-pod decisions at scrape time.
+type workloadCollector struct{ a *Agent }
+
+func (c workloadCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descMPPods
+	ch <- descMPSets
+	ch <- descMPPolicies
+}
+
+func (c workloadCollector) Collect(ch chan<- prometheus.Metric) {
+	wl := c.a.workloads()
+	if wl == nil {
+		return
+	}
+	selected := 0
+	wl.Each(func(_ netip.Addr, s *nat.PolicySet) {
+		if s != nil {
+			selected++
+		}
+	})
+	ch <- prometheus.MustNewConstMetric(descMPPods, prometheus.GaugeValue, float64(selected), "true")
+	ch <- prometheus.MustNewConstMetric(descMPPods, prometheus.GaugeValue, float64(wl.Len()-selected), "false")
+	ch <- prometheus.MustNewConstMetric(descMPSets, prometheus.GaugeValue, float64(wl.Sets()))
+	if pc, ok := c.a.wl.(PolicyCounter); ok {
+		valid, invalid := pc.PolicyCounts()
+		ch <- prometheus.MustNewConstMetric(descMPPolicies, prometheus.GaugeValue, float64(valid), "true")
+		ch <- prometheus.MustNewConstMetric(descMPPolicies, prometheus.GaugeValue, float64(invalid), "false")
 	}
 }

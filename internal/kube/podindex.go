@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,7 +30,7 @@ import (
 // finished one, since the node may have handed the address on.
 type PodIndex struct {
 	// addrs is the published, immutable snapshot that Lookup reads.
-	addrs atomic.Pointer[map[netip.Addr]string]
+	addrs atomic.Pointer[map[netip.Addr]PodRef]
 
 	// mu serialises the informer's handlers (which client-go already runs
 	// one at a time, but the index must not rely on it) and guards pods.
@@ -49,6 +50,15 @@ type podEntry struct {
 	addrs    []netip.Addr
 	created  time.Time
 	finished bool
+	labels   map[string]string
+}
+
+// PodRef is what the index tells of the pod behind an address: its
+// "namespace/name", namespace and labels (MasqueradePolicy selectors read
+// them). Labels must not be modified.
+type PodRef struct {
+	Key, Namespace string
+	Labels         map[string]string
 }
 
 // outranks reports whether e, not o, owns an address both claim: a
@@ -83,7 +93,7 @@ func NewPodIndex(client kubernetes.Interface, nodeName string, resync time.Durat
 		factory:  factory,
 		informer: factory.Core().V1().Pods().Informer(),
 	}
-	empty := map[netip.Addr]string{}
+	empty := map[netip.Addr]PodRef{}
 	x.addrs.Store(&empty)
 	// Keep only what the index reads: a node's pods carry large specs and
 	// managed fields that would otherwise sit in the informer's cache.
@@ -122,8 +132,12 @@ func (x *PodIndex) HasSynced() bool { return x.informer.HasSynced() }
 // Lookup returns "namespace/name" of the pod with address addr on this
 // node, or "" when none is known. It is a map read: no lock, no API call.
 func (x *PodIndex) Lookup(addr netip.Addr) string {
-	return (*x.addrs.Load())[addr.Unmap()]
+	return (*x.addrs.Load())[addr.Unmap()].Key
 }
+
+// Pods returns the index's snapshot: every address with its pod. The map
+// is never modified; the caller must not modify it either.
+func (x *PodIndex) Pods() map[netip.Addr]PodRef { return *x.addrs.Load() }
 
 // Changed returns a channel closed at the index's next change, for a
 // reader waiting for an address to appear.
@@ -145,6 +159,7 @@ func (x *PodIndex) update(obj any) {
 	entry := podEntry{
 		created:  pod.CreationTimestamp.Time,
 		finished: pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,
+		labels:   pod.Labels,
 	}
 	// The node check repeats the field selector so that a server (or a
 	// fake) that ignores it cannot put another node's pods in the index.
@@ -196,13 +211,14 @@ func (x *PodIndex) delete(obj any) {
 // O(pods on the node), a few hundred at most, and leaves Lookup a plain
 // read of a map nobody writes. x.mu must be held.
 func (x *PodIndex) publish() {
-	addrs := make(map[netip.Addr]string, len(x.pods))
+	addrs := make(map[netip.Addr]PodRef, len(x.pods))
 	for key, e := range x.pods {
+		ns, _, _ := strings.Cut(key, "/")
 		for _, a := range e.addrs {
-			if cur, taken := addrs[a]; taken && !e.outranks(key, x.pods[cur], cur) {
+			if cur, taken := addrs[a]; taken && !e.outranks(key, x.pods[cur.Key], cur.Key) {
 				continue
 			}
-			addrs[a] = key
+			addrs[a] = PodRef{Key: key, Namespace: ns, Labels: e.labels}
 		}
 	}
 	x.addrs.Store(&addrs)
@@ -221,6 +237,7 @@ func slimPod(obj any) (any, error) {
 		ObjectMeta: metav1.ObjectMeta{
 			Name:              pod.Name,
 			Namespace:         pod.Namespace,
+			Labels:            pod.Labels,
 			UID:               pod.UID,
 			ResourceVersion:   pod.ResourceVersion,
 			CreationTimestamp: pod.CreationTimestamp,
