@@ -49,10 +49,10 @@ func (d *MasqueradeDestination) contains(a netip.Addr) bool {
 
 // masqueradePolicyObject is the object's wire form.
 type masqueradePolicyObject struct {
-	APIVersion string `json:"apiVersion"`
-	Kind       string `json:"kind"`
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
 	Metadata   metav1.ObjectMeta `json:"metadata"`
-	Spec struct {
+	Spec       struct {
 		NamespaceSelector *metav1.LabelSelector `json:"namespaceSelector"`
 		PodSelector       *metav1.LabelSelector `json:"podSelector"`
 		Action            string                `json:"action"`
