@@ -86,14 +86,19 @@ type MasqueradeWatcher struct {
 	nsInformer     cache.SharedIndexInformer
 	kick           chan struct{}
 
-	cur       atomic.Pointer[nat.Workloads]
-	compiled  atomic.Pointer[nat.MasqueradePolicies]
-	invalid   atomic.Int64
-	mu        sync.Mutex
-	changed   chan struct{}
-	synced    atomic.Bool
-	versions  string // the policies' names and resource versions compiled last
-	statusErr string // last status write error logged
+	cur      atomic.Pointer[nat.Workloads]
+	compiled atomic.Pointer[nat.MasqueradePolicies]
+	invalid  atomic.Int64
+	mu       sync.Mutex
+	changed  chan struct{}
+	synced   atomic.Bool
+	// Owned by Run's goroutine: the policies' names with generations and
+	// with resource versions at the last compile or status check, and
+	// the verdicts of the last compile.
+	generations, versions string
+	verdicts              map[string]error
+	conflicts             map[string][]nat.Conflict
+	statusErr             string // last status write error logged
 }
 
 // NewMasqueradeWatcher prepares a watcher; Run starts it.
@@ -245,14 +250,23 @@ func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.Masque
 		}
 	}
 	slices.SortFunc(us, func(a, b *unstructured.Unstructured) int { return strings.Compare(a.GetName(), b.GetName()) })
-	var vb strings.Builder
+	var gens, rvs strings.Builder
 	for _, u := range us {
-		fmt.Fprintf(&vb, "%s@%s,", u.GetName(), u.GetResourceVersion())
+		fmt.Fprintf(&gens, "%s@%d,", u.GetName(), u.GetGeneration())
+		fmt.Fprintf(&rvs, "%s@%s,", u.GetName(), u.GetResourceVersion())
 	}
-	if cur := w.compiled.Load(); cur != nil && vb.String() == w.versions {
+	// A spec change (a new generation) compiles again; a status write by
+	// another agent (a new resource version only) just checks statuses.
+	if cur := w.compiled.Load(); cur != nil && gens.String() == w.generations {
+		if rvs.String() != w.versions {
+			w.versions = rvs.String()
+			for _, u := range us {
+				w.writeStatus(ctx, u, w.verdicts[u.GetName()], w.conflicts[u.GetName()])
+			}
+		}
 		return cur
 	}
-	w.versions = vb.String()
+	w.generations, w.versions = gens.String(), rvs.String()
 
 	var valid []nat.MasqueradePolicy
 	verdicts := map[string]error{}
@@ -270,9 +284,9 @@ func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.Masque
 	}
 	w.compiled.Store(all)
 	w.invalid.Store(int64(len(us) - len(valid)))
-	conflicts := all.Conflicts()
+	w.verdicts, w.conflicts = verdicts, all.Conflicts()
 	for _, u := range us {
-		w.writeStatus(ctx, u, verdicts[u.GetName()], conflicts[u.GetName()])
+		w.writeStatus(ctx, u, verdicts[u.GetName()], w.conflicts[u.GetName()])
 	}
 	w.log.Info("MasqueradePolicies compiled", "valid", len(valid), "invalid", len(us)-len(valid))
 	return all
