@@ -3,8 +3,9 @@
 # built by hack/kube-apiserver.sh, and always stops them afterwards.
 # CI calls this from .ci/run; extra arguments go to `go test`.
 #
-#   hack/kube-integration.sh            # go test -race -count=1 ./internal/kube/...
-#   hack/kube-integration.sh -run Pod   # a subset
+#   hack/kube-integration.sh            # go test -race -count=1 ./internal/kube/..., then
+#                                       # the agent's MasqueradePolicy e2e test (root)
+#   hack/kube-integration.sh -run Pod   # a subset of ./internal/kube/...
 #
 # A cold build of the binaries takes minutes (see kube-apiserver.sh); they
 # are cached outside the repo, so later runs start the server in seconds.
@@ -26,3 +27,9 @@ trap 'hack/kube-apiserver.sh down' EXIT
 eval "$(hack/kube-apiserver.sh env)"
 # NFMASQ_KUBE=1: the integration tests must run, not skip.
 NFMASQ_KUBE=1 go test -race -count=1 "$@" ./internal/kube/...
+# The agent against this server, in network namespaces: two pods of
+# different labels, a policy edit, kill -9, a pod known late. Kernel
+# tests need root; under NFMASQ_E2E=1 (CI) a missing root fails them.
+if (($# == 0)); then
+	NFMASQ_KUBE=1 go test -race -count=1 -run '^TestMasqueradePolicyE2E$' ./cmd/nfmasq/
+fi

@@ -73,6 +73,7 @@ type flowRec struct {
 	Action       string                       `json:"action"`
 	Prefix       string                       `json:"prefix"`
 	Source       string                       `json:"source"`
+	Origin       string                       `json:"origin"`
 	PolicyHash   string                       `json:"policy_hash"`
 	PolicyGen    uint64                       `json:"policy_generation"`
 	Queue        *int                         `json:"queue"`
