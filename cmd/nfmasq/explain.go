@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 
+	"github.com/nfmasq/nfmasq/internal/kube"
 	"github.com/nfmasq/nfmasq/nat"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -56,12 +57,16 @@ per-workload decision rule first: among the policies selecting the pod, the
 most specific destination entry containing the address decides (its except
 ranges removed; Masquerade wins a tie); otherwise the node policy does.
 Cluster ranges are never a policy's. Invalid objects are reported on stderr
-and skipped. This models the rule offline; the agent does not apply
-MasqueradePolicies yet.`,
+and skipped.
+
+With --pod NAMESPACE/NAME, explain reads the pod's labels, its namespace's
+labels and the cluster's MasqueradePolicies from the API (in a cluster, or
+with --kubeconfig) and decides as the pod's agent does.`,
 		Example: `  nfmasq explain 8.8.8.8 10.1.2.3
   nfmasq explain --config ./ip-masq-agent.yaml --enable-ipv6 fd00::1 169.254.169.254
   nfmasq explain --agent=false --disable-default-snat 8.8.8.8
-  nfmasq explain --masquerade-policy policies.yaml --pod-namespace pay --pod-labels app=billing --namespace-labels team=payments 203.0.113.7`,
+  nfmasq explain --masquerade-policy policies.yaml --pod-namespace pay --pod-labels app=billing --namespace-labels team=payments 203.0.113.7
+  nfmasq explain --pod payments/billing-0 --kubeconfig ~/.kube/config 203.0.113.7`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, warnings, err := pf.load()
@@ -69,7 +74,13 @@ MasqueradePolicies yet.`,
 				return &exitError{code: exitConfig, err: err}
 			}
 			printNotices(cmd.ErrOrStderr(), warnings, p.Notes())
-			mp, workload, err := mf.load(cmd.ErrOrStderr(), pf.clusterCIDRs)
+			var mp *nat.MasqueradePolicies
+			var workload nat.Workload
+			if mf.pod != "" {
+				mp, workload, err = mf.fromCluster(cmd, pf.clusterCIDRs)
+			} else {
+				mp, workload, err = mf.load(cmd.ErrOrStderr(), pf.clusterCIDRs)
+			}
 			if err != nil {
 				return err
 			}
@@ -109,6 +120,8 @@ MasqueradePolicies yet.`,
 	}
 	pf.register(cmd.Flags())
 	pf.registerClusterModel(cmd.Flags())
+	cmd.Flags().StringVar(&mf.pod, "pod", "", "decide for this pod NAMESPACE/NAME with the cluster's MasqueradePolicies (needs the API: in a cluster or --kubeconfig)")
+	cmd.Flags().StringVar(&mf.kubeconfig, "kubeconfig", "", "with --pod: the kubeconfig to reach the cluster")
 	mf.register(cmd.Flags())
 	return cmd
 }
@@ -118,6 +131,7 @@ type masqPolicyFlags struct {
 	files                      []string
 	namespace                  string
 	podLabels, namespaceLabels string
+	pod, kubeconfig            string // explain only: ask the cluster
 }
 
 func (f *masqPolicyFlags) register(fs *pflag.FlagSet) {
@@ -172,6 +186,37 @@ func (f *masqPolicyFlags) load(stderr io.Writer, cluster []string) (*nat.Masquer
 	set, err := nat.NewMasqueradePolicies(all, clusterPrefixes)
 	if err != nil {
 		return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--masquerade-policy: %w", err)}
+	}
+	return set, w, nil
+}
+
+// fromCluster reads the pod's identity and the cluster's MasqueradePolicies
+// (--pod). Invalid policies are reported on stderr, as with files.
+func (f *masqPolicyFlags) fromCluster(cmd *cobra.Command, cluster []string) (*nat.MasqueradePolicies, nat.Workload, error) {
+	if len(f.files) > 0 || f.namespace != "" || f.podLabels != "" || f.namespaceLabels != "" {
+		return nil, nat.Workload{}, &usageError{errors.New("--pod reads the pod and the policies from the cluster: leave out --masquerade-policy, --pod-namespace, --pod-labels and --namespace-labels")}
+	}
+	client, dyn, err := kube.OptionalClients(f.kubeconfig)
+	if err == nil && client == nil {
+		err = errors.New("not in a cluster: give --kubeconfig")
+	}
+	if err != nil {
+		return nil, nat.Workload{}, &exitError{code: exitConfig, err: fmt.Errorf("--pod: %w", err)}
+	}
+	w, ps, errs, err := kube.PodWorkload(cmd.Context(), client, dyn, f.pod)
+	if err != nil {
+		return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--pod: %w", err)}
+	}
+	for _, e := range errs {
+		fmt.Fprintf(cmd.ErrOrStderr(), "nfmasq: %v (skipped)\n", e)
+	}
+	prefixes, err := parsePrefixes(cluster)
+	if err != nil {
+		return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--cluster-cidr: %w", err)}
+	}
+	set, err := nat.NewMasqueradePolicies(ps, prefixes)
+	if err != nil {
+		return nil, w, &exitError{code: exitConfig, err: err}
 	}
 	return set, w, nil
 }

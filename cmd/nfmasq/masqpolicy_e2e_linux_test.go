@@ -38,9 +38,10 @@ import (
 // e2eAPI is the test API server (hack/kube-apiserver.sh) as its admin, and
 // a kubeconfig that reaches it from inside a network namespace.
 type e2eAPI struct {
-	client     kubernetes.Interface
-	dyn        dynamic.Interface
-	kubeconfig string // for the agent in the node namespace
+	client         kubernetes.Interface
+	dyn            dynamic.Interface
+	kubeconfig     string // for the agent in the node namespace
+	hostKubeconfig string // for the test's own namespace
 }
 
 // apiForNode connects to the test API server, skipping the test unless
@@ -69,7 +70,7 @@ func apiForNode(t *testing.T, node *netns.NS) *e2eAPI {
 	if ip := net.ParseIP(u.Hostname()); ip == nil || !ip.IsLoopback() {
 		t.Fatalf("refusing to test against %s: the test API server listens on loopback only", cfg.Host)
 	}
-	api := &e2eAPI{}
+	api := &e2eAPI{hostKubeconfig: path}
 	if api.client, err = kubernetes.NewForConfig(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -314,6 +315,17 @@ func TestMasqueradePolicyE2E(t *testing.T) {
 		if r.Src == billing.String() && r.Dst == sandbox.Internet4.String() && (r.Source != "masquerade-policy" || r.Origin != "keep-billing-"+suffix || r.Pod == nil || *r.Pod != ns+"/billing") {
 			t.Errorf("billing's decision record does not name its policy: %s", r.line)
 		}
+	}
+
+	// explain --pod asks the cluster and answers as the agent decided.
+	var stdout, stderr strings.Builder
+	if code := run([]string{"explain", "--config", filepath.Join(dir, "none"), "--kubeconfig", api.hostKubeconfig,
+		"--pod", ns + "/billing", sandbox.Internet4.String(), sandbox.Internal4.String()}, &stdout, &stderr); code != 0 {
+		t.Fatalf("explain --pod: exit %d: %s", code, stderr.String())
+	}
+	if want := `{"dst":"11.0.0.10","action":"masquerade","prefix":"","source":"none"}`; strings.Contains(stdout.String(), want) ||
+		!strings.Contains(stdout.String(), `"origin":"keep-billing-`+suffix+`"`) {
+		t.Errorf("explain --pod %s/billing:\n%s", ns, stdout.String())
 	}
 
 	// An edit: keep-billing now excepts 11.0.0.0/24, where the node

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -76,8 +77,10 @@ func (d *dataplaneFlags) rulesConfig(pol *nat.Policy) (rules.Config, error) {
 
 func newRulesCmd() *cobra.Command {
 	var (
-		pf policyFlags
-		df dataplaneFlags
+		pf     policyFlags
+		df     dataplaneFlags
+		mf     masqPolicyFlags
+		podIPs []string
 	)
 	cmd := &cobra.Command{
 		Use:   "rules [flags]",
@@ -86,10 +89,16 @@ func newRulesCmd() *cobra.Command {
 fallback's non-masquerade list is longer than --ipset-threshold) and the
 iptables-restore --noflush payload the agent installs on a node that has no
 nfmasq state yet. Nothing is read from or written to the kernel; with
---iptables-backend auto the headers name the plain iptables-restore.`,
+--iptables-backend auto the headers name the plain iptables-restore.
+
+With --masquerade-policy and a pod (--pod-ip, --pod-namespace, --pod-labels,
+--namespace-labels), the payloads include the kernel fallback of the pod's
+MasqueradePolicies: the ipsets of its policy set (its pods, the destinations
+it masquerades and keeps, excepts as nomatch entries) and the two rules that
+use them, ahead of the node policy.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			out, err := renderRules(&pf, &df, cmd.ErrOrStderr())
+			out, err := renderRules(&pf, &df, &mf, podIPs, cmd.ErrOrStderr())
 			if err != nil {
 				return &exitError{code: exitConfig, err: err}
 			}
@@ -99,10 +108,12 @@ nfmasq state yet. Nothing is read from or written to the kernel; with
 	}
 	pf.register(cmd.Flags())
 	df.register(cmd.Flags())
+	mf.register(cmd.Flags())
+	cmd.Flags().StringSliceVar(&podIPs, "pod-ip", nil, "with --masquerade-policy: the pod's addresses (repeatable or comma-separated)")
 	return cmd
 }
 
-func renderRules(pf *policyFlags, df *dataplaneFlags, notices io.Writer) (string, error) {
+func renderRules(pf *policyFlags, df *dataplaneFlags, mf *masqPolicyFlags, podIPs []string, notices io.Writer) (string, error) {
 	b, err := rules.ParseBackend(df.backend)
 	if err != nil {
 		return "", fmt.Errorf("--iptables-backend: %w", err)
@@ -114,6 +125,34 @@ func renderRules(pf *policyFlags, df *dataplaneFlags, notices io.Writer) (string
 	cfg, err := df.rulesConfig(pol)
 	if err != nil {
 		return "", err
+	}
+	switch {
+	case len(mf.files) == 0 && len(podIPs) > 0:
+		return "", &usageError{errors.New("--pod-ip needs --masquerade-policy")}
+	case len(mf.files) > 0 && len(podIPs) == 0:
+		return "", &usageError{errors.New("--masquerade-policy needs --pod-ip: the addresses the pod's policy set applies to")}
+	}
+	all, w, err := mf.load(notices, pf.clusterCIDRs)
+	switch {
+	case err != nil:
+		return "", err
+	case all != nil:
+		set, err := all.For(w)
+		if err != nil {
+			return "", err
+		}
+		pods := map[netip.Addr]*nat.PolicySet{}
+		for _, s := range podIPs {
+			a, err := netip.ParseAddr(s)
+			if err != nil {
+				return "", &usageError{fmt.Errorf("--pod-ip: %w", err)}
+			}
+			pods[a.Unmap()] = set
+		}
+		cfg.PolicySets = agent.PolicySets(nat.NewWorkloads(pods, nil), cfg.EnableIPv6)
+		if err := cfg.Validate(); err != nil {
+			return "", err
+		}
 	}
 	return rules.Render(cfg, b)
 }

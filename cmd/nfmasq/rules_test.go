@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -55,6 +57,23 @@ func TestRulesCommand(t *testing.T) {
 				"--cluster-cidr", "0.0.0.0/0"},
 			want: []string{`-A NFMASQ-FALLBACK -m comment --comment "nfmasq: non-masquerade: every destination" -j RETURN` + "\n"},
 		},
+		{
+			name: "a pod's MasqueradePolicies",
+			args: []string{"--pod-cidr", "10.244.1.0/24", "--cluster-cidr", "10.244.0.0/16",
+				"--masquerade-policy", writeTestFile(t, "mp.yaml", "apiVersion: nfmasq.io/v1alpha1\nkind: MasqueradePolicy\nmetadata: {name: keep}\nspec: {action: NoSNAT, podSelector: {matchLabels: {app: billing}}, destinations: [{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}]}\n"),
+				"--pod-namespace", "pay", "--pod-labels", "app=billing", "--pod-ip", "10.244.1.7"},
+			want: []string{
+				"# IPv4: ipset restore (MasqueradePolicy sets)\n",
+				"add nfmasq-mp-",
+				"-s4-t 10.244.1.7\n",
+				"-k4-t 203.0.113.128/25 nomatch\n",
+				"-k4-t 10.244.0.0/16 nomatch\n", // a cluster range: the node policy's
+				`dst -m comment --comment "nfmasq: MasqueradePolicy set `,
+			},
+			notWant: []string{"-m4"},
+		},
+		{name: "a pod's MasqueradePolicies without its address", args: []string{"--pod-cidr", "10.244.1.0/24", "--masquerade-policy", "x.yaml", "--pod-namespace", "pay"},
+			wantCode: exitConfig, wantErr: "--masquerade-policy needs --pod-ip"},
 		{name: "no pod CIDR", args: nil, wantCode: exitConfig, wantErr: "--pod-cidr is required"},
 		{name: "IPv6 pod CIDR without IPv6", args: []string{"--pod-cidr", "fd00::/64"}, wantCode: exitConfig, wantErr: "add --enable-ipv6"},
 		{name: "bad pod CIDR", args: []string{"--pod-cidr", "10.244.1.0"}, wantCode: exitConfig, wantErr: "--pod-cidr"},
@@ -119,4 +138,14 @@ func rulesTestPrefixes(t *testing.T, ss ...string) []netip.Prefix {
 		out = append(out, p)
 	}
 	return out
+}
+
+// writeTestFile writes a file in a test directory and returns its path.
+func writeTestFile(t *testing.T, name, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

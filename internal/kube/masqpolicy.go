@@ -271,7 +271,7 @@ func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.Masque
 	var valid []nat.MasqueradePolicy
 	verdicts := map[string]error{}
 	for _, u := range us {
-		p, err := parsePolicyObject(u)
+		p, err := ParsePolicyObject(u)
 		verdicts[u.GetName()] = err
 		if err == nil {
 			valid = append(valid, p)
@@ -292,8 +292,8 @@ func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.Masque
 	return all
 }
 
-// parsePolicyObject reads the spec of a policy from the API.
-func parsePolicyObject(u *unstructured.Unstructured) (nat.MasqueradePolicy, error) {
+// ParsePolicyObject reads a MasqueradePolicy from the API.
+func ParsePolicyObject(u *unstructured.Unstructured) (nat.MasqueradePolicy, error) {
 	data, err := json.Marshal(map[string]any{
 		"apiVersion": u.GetAPIVersion(),
 		"kind":       u.GetKind(),
@@ -379,4 +379,43 @@ func (w *MasqueradeWatcher) PolicyCounts() (valid, invalid int) {
 		valid = all.Len()
 	}
 	return valid, w.Invalid()
+}
+
+// PodWorkload returns what MasqueradePolicy selectors see of the pod
+// "namespace/name" (its namespace's labels with kubernetes.io/metadata.name),
+// and the cluster's MasqueradePolicies, the valid ones parsed and one
+// error per invalid one: `nfmasq explain --pod`.
+func PodWorkload(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interface, key string) (nat.Workload, []nat.MasqueradePolicy, []error, error) {
+	ns, name, ok := strings.Cut(key, "/")
+	if !ok || ns == "" || name == "" {
+		return nat.Workload{}, nil, nil, fmt.Errorf("pod %q: want NAMESPACE/NAME", key)
+	}
+	pod, err := client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nat.Workload{}, nil, nil, err
+	}
+	nsObj, err := client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
+	if err != nil {
+		return nat.Workload{}, nil, nil, err
+	}
+	w := nat.Workload{Namespace: ns, Labels: labels.Set(pod.Labels), NamespaceLabels: labels.Set(maps.Clone(nsObj.Labels))}
+	if w.NamespaceLabels == nil {
+		w.NamespaceLabels = labels.Set{}
+	}
+	w.NamespaceLabels[namespaceNameLabel] = ns
+	list, err := dyn.Resource(MasqueradePolicyResource).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return w, nil, nil, fmt.Errorf("listing MasqueradePolicies: %w", err)
+	}
+	var ps []nat.MasqueradePolicy
+	var errs []error
+	for i := range list.Items {
+		p, err := ParsePolicyObject(&list.Items[i])
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ps = append(ps, p)
+	}
+	return w, ps, errs, nil
 }

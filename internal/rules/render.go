@@ -23,6 +23,9 @@ func Render(cfg Config, b Backend) (string, error) {
 		if setInput != nil {
 			fmt.Fprintf(&out, "# %s: ipset restore\n%s", fam, setInput)
 		}
+		if policyInput := PlanPolicySets(cfg, fam, nil); policyInput != nil {
+			fmt.Fprintf(&out, "# %s: ipset restore (MasqueradePolicy sets)\n%s", fam, policyInput)
+		}
 		payload, err := Plan(cfg, fam, "")
 		if err != nil {
 			return "", err
