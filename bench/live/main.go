@@ -57,6 +57,8 @@ type options struct {
 	pollReps     int
 	variants     []variant
 	variantReps  int
+	kubeconfig   string // the test API server, for the MasqueradePolicy variant
+	masqPolicies int
 	seed         uint64
 	dst          netip.Addr
 	tmp          string
@@ -135,6 +137,8 @@ the markdown report from one.
 	variants := fs.String("variants", "nat-records=--flow-log-nat;ipfix-export=--ipfix-collector 192.168.77.2:4739",
 		"agent variants whose sustained new flows/s is compared with the defaults in the same repetitions: NAME=FLAGS, separated by ';'")
 	fs.IntVar(&o.variantReps, "variant-reps", 3, "repetitions of the variant comparison (0: skip it)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "a test API server (hack/kube-apiserver.sh): adds the variant where MasqueradePolicies select every sending pod")
+	fs.IntVar(&o.masqPolicies, "masquerade-policies", 100, "with -kubeconfig: MasqueradePolicies selecting the sending pods")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the generated CIDR lists")
 	dst := fs.String("dst", "11.0.0.10", "destination of the test flows (in the remote namespace; must be masqueraded)")
 	fs.StringVar(&o.tmp, "tmp", "", "working directory for configs, agent logs and flow logs (default: a new temporary one)")
@@ -192,6 +196,12 @@ the markdown report from one.
 type variant struct {
 	name  string
 	flags []string
+	// check, when set, verifies after the run that the agent measured
+	// what the variant says.
+	check func(context.Context) error
+	// shown, when set, stands for flags in the results (a temporary
+	// path means nothing there).
+	shown []string
 }
 
 // parseVariants parses "NAME=FLAGS;NAME=FLAGS".

@@ -225,6 +225,9 @@ func (b *bench) measure(ctx context.Context, r *running, s *Sample) error {
 // Each variant's rate search starts from its own previous answer.
 func (b *bench) variantSample(ctx context.Context, v variant, rep int, cfgPath string) (VariantSample, error) {
 	vs := VariantSample{Variant: v.name, Flags: v.flags, Rep: rep}
+	if v.shown != nil {
+		vs.Flags = v.shown
+	}
 	a, err := b.startAgent(ctx, cfgPath, v.flags)
 	if err != nil {
 		return vs, err
@@ -232,6 +235,9 @@ func (b *bench) variantSample(ctx context.Context, v variant, rep int, cfgPath s
 	b.logf("agent variant %s (rep %d)", v.name, rep)
 	r := &running{name: Agent + " " + v.name, agent: a}
 	vs.NewFlows, err = b.newFlows(ctx, r, 0)
+	if err == nil && v.check != nil {
+		err = v.check(ctx)
+	}
 	if stopErr := b.stop(context.WithoutCancel(ctx), r); err == nil {
 		err = stopErr
 	}

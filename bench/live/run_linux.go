@@ -127,6 +127,14 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 			return res, err
 		}
 		all := append([]variant{{name: VariantDefaults}}, o.variants...)
+		if o.kubeconfig != "" {
+			v, cleanup, err := b.masqueradeVariant(ctx)
+			if err != nil {
+				return res, fmt.Errorf("MasqueradePolicy variant: %w", err)
+			}
+			defer cleanup()
+			all = append(all, v)
+		}
 		for rep := 0; rep < o.variantReps; rep++ {
 			for i := range all {
 				v := all[(i+rep)%len(all)]

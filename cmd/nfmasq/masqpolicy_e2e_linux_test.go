@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"net/url"
@@ -12,7 +11,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,7 +23,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/yaml"
 
 	"github.com/nfmasq/nfmasq/deploy"
@@ -79,48 +76,14 @@ func apiForNode(t *testing.T, node *netns.NS) *e2eAPI {
 	}
 	installMasqueradePolicyCRD(t, api.dyn)
 
-	// The forwarder: a listener inside node, each connection dialled to
-	// the server from the test's own namespace.
-	var ln net.Listener
-	if err := node.Do(func() (err error) {
-		ln, err = net.Listen("tcp", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				up, err := net.Dial("tcp", u.Host)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				go func() { _, _ = io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
-				_, _ = io.Copy(c, up)
-			}()
-		}
-	}()
-	raw, err := clientcmd.LoadFromFile(path)
+	addr, stop, err := node.Forward(u.Host)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range raw.Clusters {
-		c.Server = "https://" + ln.Addr().String() // the server's certificate names 127.0.0.1
-	}
+	t.Cleanup(stop)
 	api.kubeconfig = filepath.Join(t.TempDir(), "kubeconfig")
-	if err := clientcmd.WriteToFile(*raw, api.kubeconfig); err != nil {
+	// The server's certificate names 127.0.0.1.
+	if err := kube.WriteKubeconfigFor(path, api.kubeconfig, "https://"+addr); err != nil {
 		t.Fatal(err)
 	}
 	return api

@@ -33,3 +33,18 @@ func Config(kubeconfig string) (*rest.Config, error) {
 	cfg.UserAgent = userAgent
 	return cfg, nil
 }
+
+// WriteKubeconfigFor copies the kubeconfig at src to dst with every
+// cluster's server set to server (an address that reaches the same API
+// server from another network namespace; the certificate must still
+// name its host).
+func WriteKubeconfigFor(src, dst, server string) error {
+	raw, err := clientcmd.LoadFromFile(src)
+	if err != nil {
+		return err
+	}
+	for _, c := range raw.Clusters {
+		c.Server = server
+	}
+	return clientcmd.WriteToFile(*raw, dst)
+}

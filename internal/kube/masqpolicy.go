@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
@@ -59,6 +60,9 @@ type MasqueradeOptions struct {
 	ClusterCIDRs []netip.Prefix
 	// Node names the agent in its events.
 	Node string
+	// StatusJitter bounds the random delay before status writes (0:
+	// DefaultStatusJitter; negative: none).
+	StatusJitter time.Duration
 	// Recorder receives Warning events; nil makes one on the cluster.
 	Recorder record.EventRecorder
 	Logger   *slog.Logger
@@ -85,6 +89,7 @@ type MasqueradeWatcher struct {
 	factory        informers.SharedInformerFactory
 	nsInformer     cache.SharedIndexInformer
 	kick           chan struct{}
+	verdictCh      chan policyVerdict
 
 	cur      atomic.Pointer[nat.Workloads]
 	compiled atomic.Pointer[nat.MasqueradePolicies]
@@ -107,17 +112,21 @@ func NewMasqueradeWatcher(client kubernetes.Interface, dyn dynamic.Interface, po
 		return nil, fmt.Errorf("MasqueradePolicies need the node's pods (NODE_NAME)")
 	}
 	w := &MasqueradeWatcher{
-		client:   client,
-		policies: dyn.Resource(MasqueradePolicyResource),
-		pods:     pods,
-		opts:     opts,
-		log:      opts.Logger,
-		recorder: opts.Recorder,
-		kick:     make(chan struct{}, 1),
-		changed:  make(chan struct{}),
+		client:    client,
+		policies:  dyn.Resource(MasqueradePolicyResource),
+		pods:      pods,
+		opts:      opts,
+		log:       opts.Logger,
+		recorder:  opts.Recorder,
+		kick:      make(chan struct{}, 1),
+		verdictCh: make(chan policyVerdict, 1),
+		changed:   make(chan struct{}),
 	}
 	if w.log == nil {
 		w.log = slog.New(slog.DiscardHandler)
+	}
+	if w.opts.StatusJitter == 0 {
+		w.opts.StatusJitter = DefaultStatusJitter
 	}
 	w.dynFactory = dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	w.policyInformer = w.dynFactory.ForResource(MasqueradePolicyResource).Informer()
@@ -189,6 +198,7 @@ func (w *MasqueradeWatcher) Run(ctx context.Context) error {
 		return fmt.Errorf("MasqueradePolicies: first list did not complete (is the masqueradepolicies.nfmasq.io CRD installed?): %w", context.Cause(ctx))
 	}
 	w.synced.Store(true)
+	go w.writeStatuses(ctx)
 	for {
 		podsChanged := w.pods.Changed()
 		w.rebuild(ctx)
@@ -260,9 +270,7 @@ func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.Masque
 	if cur := w.compiled.Load(); cur != nil && gens.String() == w.generations {
 		if rvs.String() != w.versions {
 			w.versions = rvs.String()
-			for _, u := range us {
-				w.writeStatus(ctx, u, w.verdicts[u.GetName()], w.conflicts[u.GetName()])
-			}
+			w.judged(w.verdicts, w.conflicts)
 		}
 		return cur
 	}
@@ -285,9 +293,7 @@ func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.Masque
 	w.compiled.Store(all)
 	w.invalid.Store(int64(len(us) - len(valid)))
 	w.verdicts, w.conflicts = verdicts, all.Conflicts()
-	for _, u := range us {
-		w.writeStatus(ctx, u, verdicts[u.GetName()], w.conflicts[u.GetName()])
-	}
+	w.judged(w.verdicts, w.conflicts)
 	w.log.Info("MasqueradePolicies compiled", "valid", len(valid), "invalid", len(us)-len(valid))
 	return all
 }
@@ -304,6 +310,63 @@ func ParsePolicyObject(u *unstructured.Unstructured) (nat.MasqueradePolicy, erro
 		return nat.MasqueradePolicy{}, err
 	}
 	return nat.ParseMasqueradePolicy(data)
+}
+
+// policyVerdict is what the statuses must say: per policy, why it is invalid
+// (nil: valid) and what it ties with.
+type policyVerdict struct {
+	invalid   map[string]error
+	conflicts map[string][]nat.Conflict
+}
+
+// judged hands the latest verdict to the status writer, replacing one it
+// has not taken yet.
+func (w *MasqueradeWatcher) judged(invalid map[string]error, conflicts map[string][]nat.Conflict) {
+	select {
+	case <-w.verdictCh:
+	default:
+	}
+	w.verdictCh <- policyVerdict{invalid, conflicts}
+}
+
+// DefaultStatusJitter bounds the random delay before an agent writes
+// policy statuses. Every agent judges every policy the same; with the
+// delay, the first to write settles it and the others, whose informers
+// have seen that write by the time their delay ends, write nothing: a
+// policy change costs the API server a write per policy, not one per
+// node and policy.
+const DefaultStatusJitter = 5 * time.Second
+
+// writeStatuses writes each verdict after a random delay, against the
+// policies as the informer holds them then, until ctx ends. Writes never
+// hold up the decisions: they are published first.
+func (w *MasqueradeWatcher) writeStatuses(ctx context.Context) {
+	for {
+		var v policyVerdict
+		select {
+		case <-ctx.Done():
+			return
+		case v = <-w.verdictCh:
+		}
+		if j := w.opts.StatusJitter; j > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(rand.N(j)):
+			}
+		}
+		for _, o := range w.policyInformer.GetStore().List() {
+			u, ok := o.(*unstructured.Unstructured)
+			if !ok {
+				continue
+			}
+			invalid, judged := v.invalid[u.GetName()]
+			if !judged {
+				continue // created since: the next verdict covers it
+			}
+			w.writeStatus(ctx, u, invalid, v.conflicts[u.GetName()])
+		}
+	}
 }
 
 // writeStatus sets the Valid and Conflicting conditions when they differ

@@ -115,7 +115,7 @@ func TestIntegrationMasqueradeWatcher(t *testing.T) {
 	for range 2 {
 		w, err := NewMasqueradeWatcher(client, dyn, idx, MasqueradeOptions{
 			PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.9.0/24")}, ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
-			Node: node, Logger: testLogger(t),
+			Node: node, Logger: testLogger(t), StatusJitter: 50 * time.Millisecond,
 		})
 		if err != nil {
 			t.Fatal(err)

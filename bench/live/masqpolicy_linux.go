@@ -1,0 +1,195 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/nfmasq/nfmasq/deploy"
+	"github.com/nfmasq/nfmasq/internal/kube"
+	"github.com/nfmasq/nfmasq/internal/sandbox"
+)
+
+// benchNode is the node the MasqueradePolicy variant's pods run on; the
+// agent reads it from NODE_NAME, which only an agent given --kubeconfig
+// uses.
+const benchNode = "bench-node"
+
+// masqueradeVariant prepares the MasqueradePolicy variant against the API
+// server of -kubeconfig (hack/kube-apiserver.sh): one Running pod per
+// sending address (flowAddrs), labelled app=load, and -masquerade-policies
+// policies that all select them, each with ten destination CIDRs, one of
+// which holds the test destination, so a policy decides every flow. The
+// agent reaches the server through a forwarder on the node namespace's
+// loopback. It returns the variant and a cleanup.
+func (b *bench) masqueradeVariant(ctx context.Context) (variant, func(), error) {
+	o := b.opts
+	cfg, err := kube.Config(o.kubeconfig)
+	if err != nil {
+		return variant{}, nil, err
+	}
+	u, err := url.Parse(cfg.Host)
+	if err != nil {
+		return variant{}, nil, err
+	}
+	if ip := net.ParseIP(u.Hostname()); ip == nil || !ip.IsLoopback() {
+		return variant{}, nil, fmt.Errorf("-kubeconfig: %s is not a loopback test API server (hack/kube-apiserver.sh)", cfg.Host)
+	}
+	cfg.QPS, cfg.Burst = 500, 1000
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return variant{}, nil, err
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return variant{}, nil, err
+	}
+	if err := installCRD(ctx, dyn); err != nil {
+		return variant{}, nil, err
+	}
+	ns := fmt.Sprintf("bench-mp-%d", time.Now().Unix())
+	var cleanups []func()
+	cleanup := func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}
+	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		return variant{}, nil, err
+	}
+	cleanups = append(cleanups, func() { _ = client.CoreV1().Namespaces().Delete(context.Background(), ns, metav1.DeleteOptions{}) })
+	if _, err := client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		cleanup()
+		return variant{}, nil, err
+	}
+	for i := range uint64(flowAddrs) {
+		addr := flowSource(sandbox.PodCIDR4, i*flowPorts).Addr()
+		pod, err := client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("load-%d", i), Labels: map[string]string{"app": "load"}},
+			Spec:       corev1.PodSpec{NodeName: benchNode, Containers: []corev1.Container{{Name: "c", Image: "registry.invalid/none"}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			cleanup()
+			return variant{}, nil, err
+		}
+		pod.Status.Phase = corev1.PodRunning
+		pod.Status.PodIP = addr.String()
+		pod.Status.PodIPs = []corev1.PodIP{{IP: addr.String()}}
+		if _, err := client.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+			cleanup()
+			return variant{}, nil, err
+		}
+	}
+	res := dyn.Resource(kube.MasqueradePolicyResource)
+	dstPrefix := netip.PrefixFrom(o.dst, 24).Masked()
+	for i := range o.masqPolicies {
+		dsts := []any{}
+		for j := range 10 {
+			p := netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(100 + i%100), byte(i / 100), byte(j * 16), 0}), 20)
+			if i == 0 && j == 0 {
+				p = dstPrefix // the flows' destination: Masquerade, as the node policy says
+			}
+			dsts = append(dsts, map[string]any{"cidr": p.String()})
+		}
+		name := fmt.Sprintf("%s-%03d", ns, i)
+		obj := &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "nfmasq.io/v1alpha1", "kind": "MasqueradePolicy",
+			"metadata": map[string]any{"name": name},
+			"spec": map[string]any{
+				"podSelector":  map[string]any{"matchLabels": map[string]any{"app": "load"}},
+				"action":       "Masquerade",
+				"destinations": dsts,
+			},
+		}}
+		if _, err := res.Create(ctx, obj, metav1.CreateOptions{}); err != nil {
+			cleanup()
+			return variant{}, nil, err
+		}
+		cleanups = append(cleanups, func() { _ = res.Delete(context.Background(), name, metav1.DeleteOptions{}) })
+	}
+	addr, stop, err := b.top.Node.Forward(u.Host)
+	if err != nil {
+		cleanup()
+		return variant{}, nil, err
+	}
+	cleanups = append(cleanups, stop)
+	kc := filepath.Join(o.tmp, "kubeconfig")
+	if err := kube.WriteKubeconfigFor(o.kubeconfig, kc, "https://"+addr); err != nil {
+		cleanup()
+		return variant{}, nil, err
+	}
+	if err := os.Setenv("NODE_NAME", benchNode); err != nil {
+		cleanup()
+		return variant{}, nil, err
+	}
+	b.logf("MasqueradePolicy variant: %d pods, %d policies in namespace %s", flowAddrs, o.masqPolicies, ns)
+	return variant{
+		name:  fmt.Sprintf("masquerade-policies-%d", o.masqPolicies),
+		flags: []string{"--kubeconfig", kc},
+		shown: []string{"--kubeconfig", "API", fmt.Sprintf("(%d policies select the %d sending pods)", o.masqPolicies, flowAddrs)},
+		check: b.checkMasqueradeVariant,
+	}, cleanup, nil
+}
+
+// checkMasqueradeVariant makes sure the variant measured what it says:
+// every sending pod known and selected, one policy set, no packet held.
+func (b *bench) checkMasqueradeVariant(ctx context.Context) error {
+	exp, err := b.scrape(ctx)
+	if err != nil {
+		return err
+	}
+	if v, _ := metricSum(exp, "nfmasq_masquerade_policy_pods", `selected="true"`); v != flowAddrs {
+		return fmt.Errorf("%v sending pods selected by MasqueradePolicies, want %d", v, flowAddrs)
+	}
+	if v, _ := metricSum(exp, "nfmasq_identity_held_total"); v != 0 {
+		return fmt.Errorf("%v packets waited for an identity: the pods were not all known", v)
+	}
+	return nil
+}
+
+// installCRD creates the MasqueradePolicy CRD from deploy/ when missing
+// and waits until it is served.
+func installCRD(ctx context.Context, dyn dynamic.Interface) error {
+	ms, err := deploy.Manifests()
+	if err != nil {
+		return err
+	}
+	crds := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	for _, m := range ms {
+		if m.Kind != "CustomResourceDefinition" || m.Name != "masqueradepolicies.nfmasq.io" {
+			continue
+		}
+		obj := &unstructured.Unstructured{}
+		if err := json.Unmarshal(m.JSON, &obj.Object); err != nil {
+			return err
+		}
+		if _, err := dyn.Resource(crds).Create(ctx, obj, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := dyn.Resource(kube.MasqueradePolicyResource).List(ctx, metav1.ListOptions{Limit: 1})
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the MasqueradePolicy CRD is not served after 30s: %w", err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling the API with a deadline
+	}
+}
