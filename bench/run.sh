@@ -9,6 +9,9 @@
 #                                it writes to a temporary directory, not docs/
 #   sudo bench/run.sh -reps 5 -agent-args "--queues 2"   any bench/live flag
 #
+# It starts the test kube-apiserver (hack/kube-apiserver.sh) for the
+# MasqueradePolicy variant and stops it at the end.
+#
 # Needs root, iptables, ipset and the Go toolchain. Run it on a quiet
 # machine: sender, agent and kernel share the cores, and the report says so.
 # Outputs: docs/benchmarks/live.json (every measurement),
@@ -40,7 +43,18 @@ trap 'rm -rf "$bin"' EXIT
 go build -o "$bin/live" ./bench/live
 go build -o "$bin/plot" ./bench/plot
 
-"$bin/live" -out "$out/live.json" "$@"
+# The MasqueradePolicy variant needs an API server: the test one of the
+# Kubernetes integration tests (built once, cached; NFMASQ_BENCH_KUBE=0
+# skips the variant).
+kube=""
+if [ "${NFMASQ_BENCH_KUBE:-1}" != 0 ]; then
+	hack/kube-apiserver.sh build >&2
+	hack/kube-apiserver.sh up >&2
+	trap 'hack/kube-apiserver.sh down >&2; rm -rf "$bin"' EXIT
+	kube=$(hack/kube-apiserver.sh env | sed -n 's/^export KUBECONFIG=//p')
+fi
+
+"$bin/live" -out "$out/live.json" ${kube:+-kubeconfig "$kube"} "$@"
 "$bin/plot" -in "$out/live.json" -dir "$out"
 plots=benchmarks
 [ "$report" = docs/benchmarks.md ] || plots=.
