@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -165,16 +166,20 @@ func (n *realNode) apply(dir string) {
 
 // flowRecord is what the node tests read of a flow-log record.
 type flowRecord struct {
-	Kind       string `json:"kind"`
-	Proto      string `json:"proto"`
-	Src        string `json:"src"`
-	Sport      uint16 `json:"sport"`
-	Dst        string `json:"dst"`
-	Dport      uint16 `json:"dport"`
-	Pod        string `json:"pod"`
-	Action     string `json:"action"`
-	XlateSrc   string `json:"xlate_src"`
-	XlateSport uint16 `json:"xlate_sport"`
+	Kind       string  `json:"kind"`
+	Proto      string  `json:"proto"`
+	Src        string  `json:"src"`
+	Sport      uint16  `json:"sport"`
+	Dst        string  `json:"dst"`
+	Dport      uint16  `json:"dport"`
+	Pod        string  `json:"pod"`
+	Action     string  `json:"action"`
+	XlateSrc   string  `json:"xlate_src"`
+	XlateSport uint16  `json:"xlate_sport"`
+	Source     string  `json:"source"`
+	Origin     string  `json:"origin"`
+	HeldUS     float64 `json:"held_us"`
+	Identity   string  `json:"identity"`
 }
 
 // flowLog reads the agent's flow log (its stdout) as kubectl logs shows it.
@@ -247,6 +252,7 @@ func TestNode(t *testing.T) {
 		run  func()
 	}{
 		{"startup-flows", n.startupFlows},
+		{"masquerade-policy", n.masqueradePolicy},
 		{"configmap", n.configMapEdits},
 		{"egress-policy", n.egressPolicy},
 		{"kube-proxy", n.kubeProxy},
@@ -749,4 +755,66 @@ func (n *realNode) startupFlows() {
 		t.Fatal(err)
 	}
 	expectNamed("end", "a finished pod's flow")
+}
+
+// masqueradePolicy applies a MasqueradePolicy that keeps the pod address
+// to one destination for pods labelled app=keeper, which the node policy
+// masquerades, and starts such a pod that sends at once when its container
+// starts. The agent learns the pod from kubelet's status update, which
+// comes after the start, so the first packet waits for it: the remote
+// must see the pod address, and the decision record gives the wait.
+func (n *realNode) masqueradePolicy() {
+	t := n.t
+	ns := n.clients[0].ns
+	policy := fmt.Sprintf(`{"apiVersion":"nfmasq.io/v1alpha1","kind":"MasqueradePolicy","metadata":{"name":"nfm-keeper"},
+"spec":{"podSelector":{"matchLabels":{"app":"keeper"}},"action":"NoSNAT","destinations":[{"cidr":"%s/32"}]}}`, sandbox.Internet4)
+	dir := t.TempDir()
+	pf := filepath.Join(dir, "policy.json")
+	if err := os.WriteFile(pf, []byte(policy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n.kube("apply", "-f", pf)
+	t.Cleanup(func() { _, _ = n.run("delete", "-f", pf, "--wait=false") })
+	netnstest.Poll(t, 30*time.Second, 100*time.Millisecond, "the agent applying the policy", func() bool {
+		return n.metric(`nfmasq_masquerade_policies{valid="true"}`) == 1
+	})
+
+	const keepers = 3
+	var waits []time.Duration
+	for i := range keepers {
+		name := fmt.Sprintf("keeper-%d", i)
+		script := fmt.Sprintf("echo %s > /dev/udp/%s/%d", name, sandbox.Internet4, sinkPort)
+		manifest := fmt.Sprintf(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":%q,"namespace":%q,"labels":{"app":"keeper"}},
+"spec":{"restartPolicy":"Never","terminationGracePeriodSeconds":0,"containers":[{"name":"c","image":"localhost/nfmasq-client:dev","imagePullPolicy":"Never","command":["bash","-c",%q]}]}}`, name, ns, script)
+		f := filepath.Join(dir, name+".json")
+		if err := os.WriteFile(f, []byte(manifest), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		n.kube("apply", "-f", f)
+		n.kube("-n", ns, "wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/"+name, "--timeout=120s")
+		ip := strings.TrimSpace(n.kube("-n", ns, "get", "pod", name, "-o", "jsonpath={.status.podIP}"))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		seen, err := n.sink.WaitFor(ctx, func(s []sandbox.Seen) bool {
+			return slices.ContainsFunc(s, func(v sandbox.Seen) bool { return v.Dst.Addr() == sandbox.Internet4 && v.Src.Addr().String() == ip })
+		})
+		cancel()
+		if err != nil {
+			t.Errorf("%s's first packet to %s did not arrive from its own address %s (the remote saw %d datagrams)", name, sandbox.Internet4, ip, len(seen))
+		}
+		var rec flowRecord
+		netnstest.Poll(t, 30*time.Second, 200*time.Millisecond, name+"'s decision record", func() bool {
+			for _, r := range n.flowLog() {
+				if r.Kind == "decision" && r.Src == ip && r.Dport == sinkPort {
+					rec = r
+					return true
+				}
+			}
+			return false
+		})
+		if rec.Source != "masquerade-policy" || rec.Origin != "nfm-keeper" || rec.Identity != "" || rec.Pod != ns+"/"+name {
+			t.Errorf("%s's decision record: %+v; want decided by nfm-keeper with its identity", name, rec)
+		}
+		waits = append(waits, time.Duration(rec.HeldUS*float64(time.Microsecond)))
+	}
+	t.Logf("FIGURE %s: first packet of a pod that sends at container start waited for its identity: %v", t.Name(), waits)
 }
