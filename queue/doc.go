@@ -17,6 +17,13 @@
 //     called once. The Observer runs on the deciding goroutine after the
 //     verdict, must not block, and must copy what it keeps; Config.Policy
 //     is called for every packet and must be cheap (an atomic load).
+//     Packets released after waiting for their pod's identity are
+//     observed on the holder's goroutine, so the Observer must also be
+//     safe for concurrent use when Config.IdentityWait is set.
+//   - With Config.IdentityWait, a packet from an unknown pod address
+//     (nat.Workloads.Unknown) gets no verdict until its pod is known or
+//     the wait runs out; while any packet waits, verdicts go out one per
+//     packet, since a batch verdict would answer the waiting one too.
 //
 // The receive loop is hand-written for speed (batched recvmmsg, batch
 // verdicts, a blocking socket outside the runtime's poller, adaptive busy

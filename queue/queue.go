@@ -565,9 +565,9 @@ func (h *handler) prepare(in *inbound, pd *pending) {
 		pd.mark, pd.setMark = in.mark, false
 		return
 	}
-	pol := h.q.cfg.Policy()
-	set, known := h.q.workloads().Pod(pd.p.Src)
-	if !known && pol != nil && h.q.workloads().Waits(pd.p.Src) {
+	pol, wl := h.q.cfg.Policy(), h.q.workloads()
+	set, known := wl.Pod(pd.p.Src)
+	if !known && pol != nil && wl.Waits(pd.p.Src) {
 		if h.holdOut != nil && h.q.hold != nil && h.q.hold.hold(in, pd, h.holdOut) {
 			pd.held = true
 			return

@@ -328,6 +328,17 @@ func TestMasqueradePolicyE2E(t *testing.T) {
 		done <- sent{local, err, time.Since(start)}
 	}()
 	a.waitMetric("the first packet held", func(v float64) bool { return v >= 1 }, "nfmasq_identity_holding")
+	// Other packets keep flowing meanwhile: a burst of new flows the node
+	// policy keeps the pod address for, read and answered in batches. A
+	// batch verdict would answer the held packet too, with their mark,
+	// and the late pod's packet would then keep its address.
+	const burst = 64
+	if err := burstUDP(top.Pod, billing, netip.AddrPortFrom(sandbox.Internal4, port), burst, 5*time.Second); err != nil {
+		t.Fatalf("while a packet waits, a burst of %d flows: %v", burst, err)
+	}
+	if v := a.metric("nfmasq_identity_holding"); v != 1 {
+		t.Fatalf("after the burst %v packets wait, want the late pod's 1", v)
+	}
 	created := time.Now()
 	api.createRunningPod(t, ns, "late", node, map[string]string{"app": "web"}, late)
 	reported := time.Since(created)
@@ -380,4 +391,41 @@ func TestMasqueradePolicyE2E(t *testing.T) {
 	if r := recs[slices.IndexFunc(recs, func(r flowRec) bool { return r.Kind == "decision" && r.Src == stranger.String() })]; !strings.Contains(r.line, `"identity":"unknown"`) {
 		t.Errorf("the stranger's record does not say its identity was unknown: %s", r.line)
 	}
+}
+
+// burstUDP sends one datagram from each of n fresh sockets bound to src,
+// all before reading any echo, then waits up to timeout for every echo.
+func burstUDP(ns *netns.NS, src netip.Addr, dst netip.AddrPort, n int, timeout time.Duration) error {
+	conns := make([]*net.UDPConn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	if err := ns.Do(func() error {
+		for range n {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), net.UDPAddrFromAddrPort(dst))
+			if err != nil {
+				return err
+			}
+			conns = append(conns, c)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, c := range conns {
+		if _, err := c.Write([]byte("burst")); err != nil {
+			return err
+		}
+	}
+	deadline := time.Now().Add(timeout)
+	buf := make([]byte, 16)
+	for i, c := range conns {
+		_ = c.SetReadDeadline(deadline)
+		if _, err := c.Read(buf); err != nil {
+			return fmt.Errorf("flow %d of %d: no echo: %w", i+1, n, err)
+		}
+	}
+	return nil
 }
