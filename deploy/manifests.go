@@ -156,3 +156,17 @@ func parseDocument(file string, doc []byte) (Manifest, error) {
 		JSON:       j,
 	}, nil
 }
+
+// Find returns the object of kind and name among Manifests.
+func Find(kind, name string) (Manifest, error) {
+	ms, err := Manifests()
+	if err != nil {
+		return Manifest{}, err
+	}
+	for _, m := range ms {
+		if m.Kind == kind && m.Name == name {
+			return m, nil
+		}
+	}
+	return Manifest{}, fmt.Errorf("deploy/: no %s %q", kind, name)
+}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -15,7 +14,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
@@ -58,7 +56,11 @@ func (b *bench) masqueradeVariant(ctx context.Context) (variant, func(), error) 
 	if err != nil {
 		return variant{}, nil, err
 	}
-	if err := installCRD(ctx, dyn); err != nil {
+	crd, err := deploy.Find("CustomResourceDefinition", "masqueradepolicies.nfmasq.io")
+	if err != nil {
+		return variant{}, nil, err
+	}
+	if err := kube.EnsureCRD(ctx, dyn, crd.JSON, kube.MasqueradePolicyResource, 30*time.Second); err != nil {
 		return variant{}, nil, err
 	}
 	ns := fmt.Sprintf("bench-mp-%d", time.Now().Unix())
@@ -159,37 +161,4 @@ func (b *bench) checkMasqueradeVariant(ctx context.Context) error {
 		return fmt.Errorf("%v packets waited for an identity: the pods were not all known", v)
 	}
 	return nil
-}
-
-// installCRD creates the MasqueradePolicy CRD from deploy/ when missing
-// and waits until it is served.
-func installCRD(ctx context.Context, dyn dynamic.Interface) error {
-	ms, err := deploy.Manifests()
-	if err != nil {
-		return err
-	}
-	crds := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
-	for _, m := range ms {
-		if m.Kind != "CustomResourceDefinition" || m.Name != "masqueradepolicies.nfmasq.io" {
-			continue
-		}
-		obj := &unstructured.Unstructured{}
-		if err := json.Unmarshal(m.JSON, &obj.Object); err != nil {
-			return err
-		}
-		if _, err := dyn.Resource(crds).Create(ctx, obj, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			return err
-		}
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, err := dyn.Resource(kube.MasqueradePolicyResource).List(ctx, metav1.ListOptions{Limit: 1})
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the MasqueradePolicy CRD is not served after 30s: %w", err)
-		}
-		time.Sleep(50 * time.Millisecond) // polling the API with a deadline
-	}
 }

@@ -19,7 +19,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -74,7 +73,13 @@ func apiForNode(t *testing.T, node *netns.NS) *e2eAPI {
 	if api.dyn, err = dynamic.NewForConfig(cfg); err != nil {
 		t.Fatal(err)
 	}
-	installMasqueradePolicyCRD(t, api.dyn)
+	crd, err := deploy.Find("CustomResourceDefinition", "masqueradepolicies.nfmasq.io")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kube.EnsureCRD(t.Context(), api.dyn, crd.JSON, kube.MasqueradePolicyResource, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
 
 	addr, stop, err := node.Forward(u.Host)
 	if err != nil {
@@ -87,33 +92,6 @@ func apiForNode(t *testing.T, node *netns.NS) *e2eAPI {
 		t.Fatal(err)
 	}
 	return api
-}
-
-// installMasqueradePolicyCRD creates the CRD from deploy/ when missing and
-// waits until it is served.
-func installMasqueradePolicyCRD(t *testing.T, dyn dynamic.Interface) {
-	t.Helper()
-	ms, err := deploy.Manifests()
-	if err != nil {
-		t.Fatal(err)
-	}
-	crds := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
-	for _, m := range ms {
-		if m.Kind != "CustomResourceDefinition" || m.Name != "masqueradepolicies.nfmasq.io" {
-			continue
-		}
-		obj := &unstructured.Unstructured{}
-		if err := json.Unmarshal(m.JSON, &obj.Object); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := dyn.Resource(crds).Create(t.Context(), obj, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			t.Fatal(err)
-		}
-	}
-	netnstest.Poll(t, 30*time.Second, 50*time.Millisecond, "the MasqueradePolicy CRD served", func() bool {
-		_, err := dyn.Resource(kube.MasqueradePolicyResource).List(t.Context(), metav1.ListOptions{Limit: 1})
-		return err == nil
-	})
 }
 
 // createRunningPod creates a pod on node and reports it running with ips.

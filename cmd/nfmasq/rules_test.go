@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -60,7 +58,7 @@ func TestRulesCommand(t *testing.T) {
 		{
 			name: "a pod's MasqueradePolicies",
 			args: []string{"--pod-cidr", "10.244.1.0/24", "--cluster-cidr", "10.244.0.0/16",
-				"--masquerade-policy", writeTestFile(t, "mp.yaml", "apiVersion: nfmasq.io/v1alpha1\nkind: MasqueradePolicy\nmetadata: {name: keep}\nspec: {action: NoSNAT, podSelector: {matchLabels: {app: billing}}, destinations: [{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}]}\n"),
+				"--masquerade-policy", writeFile(t, "mp.yaml", "apiVersion: nfmasq.io/v1alpha1\nkind: MasqueradePolicy\nmetadata: {name: keep}\nspec: {action: NoSNAT, podSelector: {matchLabels: {app: billing}}, destinations: [{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}]}\n"),
 				"--pod-namespace", "pay", "--pod-labels", "app=billing", "--pod-ip", "10.244.1.7"},
 			want: []string{
 				"# IPv4: ipset restore (MasqueradePolicy sets)\n",
@@ -138,14 +136,4 @@ func rulesTestPrefixes(t *testing.T, ss ...string) []netip.Prefix {
 		out = append(out, p)
 	}
 	return out
-}
-
-// writeTestFile writes a file in a test directory and returns its path.
-func writeTestFile(t *testing.T, name, body string) string {
-	t.Helper()
-	p := filepath.Join(t.TempDir(), name)
-	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return p
 }

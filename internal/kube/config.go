@@ -1,8 +1,16 @@
 package kube
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -47,4 +55,33 @@ func WriteKubeconfigFor(src, dst, server string) error {
 		c.Server = server
 	}
 	return clientcmd.WriteToFile(*raw, dst)
+}
+
+// EnsureCRD creates the CustomResourceDefinition in crdJSON unless it
+// exists, and waits up to timeout until res is served (the test API
+// servers of the e2e test and the benchmark).
+func EnsureCRD(ctx context.Context, dyn dynamic.Interface, crdJSON []byte, res schema.GroupVersionResource, timeout time.Duration) error {
+	obj := &unstructured.Unstructured{}
+	if err := json.Unmarshal(crdJSON, &obj.Object); err != nil {
+		return err
+	}
+	crds := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	if _, err := dyn.Resource(crds).Create(ctx, obj, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		_, err := dyn.Resource(res).List(ctx, metav1.ListOptions{Limit: 1})
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not served after %v: %w", res.GroupResource(), timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond): // a CRD is served within a second or so
+		}
+	}
 }
