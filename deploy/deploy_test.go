@@ -522,6 +522,11 @@ func TestEgressControllerDeployment(t *testing.T) {
 			t.Errorf("--cluster-cidr %q: want an aligned CIDR (%v)", s, err)
 		}
 	}
+	// The agents keep the same ranges out of every MasqueradePolicy.
+	agent := flags(t, ds.Spec.Template.Spec.Containers[0].Args[1:])
+	if !slices.Equal(agent["cluster-cidr"], f["cluster-cidr"]) {
+		t.Errorf("the agent's --cluster-cidr %q, the controller's %q: a MasqueradePolicy could masquerade traffic inside the cluster", agent["cluster-cidr"], f["cluster-cidr"])
+	}
 
 	t.Run("non-root, no capabilities", func(t *testing.T) {
 		psc, sc := pod.SecurityContext, c.SecurityContext
