@@ -480,7 +480,9 @@ func variantsTable(vs []VariantSample) string {
 	b.WriteString("\n### Agent variants: sustained new flows/s against the defaults (11 CIDRs)\n\n")
 	b.WriteString("Each repetition measures the defaults and every variant one after the other, in rotated order; " +
 		"the ratio is the variant's rate over the defaults' in the same repetition (median over repetitions). " +
-		"A burst passes only if every flow arrived, was decided and had its flow-log records written.\n\n")
+		"A burst passes only if every flow arrived, was decided and had its flow-log records written. " +
+		"masquerade-policies-N reads N MasqueradePolicies, all selecting the 250 sending pods, from a test API server " +
+		"(hack/kube-apiserver.sh); after each run it checks that every sending pod was selected and that no packet waited for its identity.\n\n")
 	b.WriteString("| variant | flags | sustained new flows/s | defaults, same repetitions | ratio |\n|---|---|---:|---:|---:|\n")
 	base := map[int]float64{}
 	var names []string
