@@ -202,6 +202,9 @@ type variant struct {
 	// shown, when set, stands for flags in the results (a temporary
 	// path means nothing there).
 	shown []string
+	// baseline names the variant this one is compared with ("": the
+	// defaults).
+	baseline string
 }
 
 // parseVariants parses "NAME=FLAGS;NAME=FLAGS".

@@ -27,41 +27,43 @@ import (
 // uses.
 const benchNode = "bench-node"
 
-// masqueradeVariant prepares the MasqueradePolicy variant against the API
+// masqueradeVariants prepare the MasqueradePolicy variant against the API
 // server of -kubeconfig (hack/kube-apiserver.sh): one Running pod per
 // sending address (flowAddrs), labelled app=load, and -masquerade-policies
 // policies that all select them, each with ten destination CIDRs, one of
 // which holds the test destination, so a policy decides every flow. The
 // agent reaches the server through a forwarder on the node namespace's
-// loopback. It returns the variant and a cleanup.
-func (b *bench) masqueradeVariant(ctx context.Context) (variant, func(), error) {
+// loopback. Its baseline is the same agent on the same API server with
+// MasqueradePolicies off (--masquerade-policies=false): pod names in the
+// records, no policy. It returns both variants and a cleanup.
+func (b *bench) masqueradeVariants(ctx context.Context) ([]variant, func(), error) {
 	o := b.opts
 	cfg, err := kube.Config(o.kubeconfig)
 	if err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	u, err := url.Parse(cfg.Host)
 	if err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	if ip := net.ParseIP(u.Hostname()); ip == nil || !ip.IsLoopback() {
-		return variant{}, nil, fmt.Errorf("-kubeconfig: %s is not a loopback test API server (hack/kube-apiserver.sh)", cfg.Host)
+		return nil, nil, fmt.Errorf("-kubeconfig: %s is not a loopback test API server (hack/kube-apiserver.sh)", cfg.Host)
 	}
 	cfg.QPS, cfg.Burst = 500, 1000
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	crd, err := deploy.Find("CustomResourceDefinition", "masqueradepolicies.nfmasq.io")
 	if err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	if err := kube.EnsureCRD(ctx, dyn, crd.JSON, kube.MasqueradePolicyResource, 30*time.Second); err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	ns := fmt.Sprintf("bench-mp-%d", time.Now().Unix())
 	var cleanups []func()
@@ -71,12 +73,12 @@ func (b *bench) masqueradeVariant(ctx context.Context) (variant, func(), error) 
 		}
 	}
 	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	cleanups = append(cleanups, func() { _ = client.CoreV1().Namespaces().Delete(context.Background(), ns, metav1.DeleteOptions{}) })
 	if _, err := client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		cleanup()
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	for i := range uint64(flowAddrs) {
 		addr := flowSource(sandbox.PodCIDR4, i*flowPorts).Addr()
@@ -86,14 +88,14 @@ func (b *bench) masqueradeVariant(ctx context.Context) (variant, func(), error) 
 		}, metav1.CreateOptions{})
 		if err != nil {
 			cleanup()
-			return variant{}, nil, err
+			return nil, nil, err
 		}
 		pod.Status.Phase = corev1.PodRunning
 		pod.Status.PodIP = addr.String()
 		pod.Status.PodIPs = []corev1.PodIP{{IP: addr.String()}}
 		if _, err := client.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
 			cleanup()
-			return variant{}, nil, err
+			return nil, nil, err
 		}
 	}
 	res := dyn.Resource(kube.MasqueradePolicyResource)
@@ -119,32 +121,38 @@ func (b *bench) masqueradeVariant(ctx context.Context) (variant, func(), error) 
 		}}
 		if _, err := res.Create(ctx, obj, metav1.CreateOptions{}); err != nil {
 			cleanup()
-			return variant{}, nil, err
+			return nil, nil, err
 		}
 		cleanups = append(cleanups, func() { _ = res.Delete(context.Background(), name, metav1.DeleteOptions{}) })
 	}
 	addr, stop, err := b.top.Node.Forward(u.Host)
 	if err != nil {
 		cleanup()
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	cleanups = append(cleanups, stop)
 	kc := filepath.Join(o.tmp, "kubeconfig")
 	if err := kube.WriteKubeconfigFor(o.kubeconfig, kc, "https://"+addr); err != nil {
 		cleanup()
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	if err := os.Setenv("NODE_NAME", benchNode); err != nil {
 		cleanup()
-		return variant{}, nil, err
+		return nil, nil, err
 	}
 	b.logf("MasqueradePolicy variant: %d pods, %d policies in namespace %s", flowAddrs, o.masqPolicies, ns)
-	return variant{
-		name:  fmt.Sprintf("masquerade-policies-%d", o.masqPolicies),
-		flags: []string{"--kubeconfig", kc},
-		shown: []string{"--kubeconfig", "API", fmt.Sprintf("(%d policies select the %d sending pods)", o.masqPolicies, flowAddrs)},
-		check: b.checkMasqueradeVariant,
-	}, cleanup, nil
+	const noPolicies = "api-no-policies"
+	return []variant{{
+		name:  noPolicies,
+		flags: []string{"--kubeconfig", kc, "--masquerade-policies=false"},
+		shown: []string{"--kubeconfig", "API", "--masquerade-policies=false", fmt.Sprintf("(%d pods named in records)", flowAddrs)},
+	}, {
+		name:     fmt.Sprintf("masquerade-policies-%d", o.masqPolicies),
+		flags:    []string{"--kubeconfig", kc},
+		shown:    []string{"--kubeconfig", "API", fmt.Sprintf("(%d policies select the %d sending pods)", o.masqPolicies, flowAddrs)},
+		check:    b.checkMasqueradeVariant,
+		baseline: noPolicies,
+	}}, cleanup, nil
 }
 
 // checkMasqueradeVariant makes sure the variant measured what it says:

@@ -224,7 +224,7 @@ func (b *bench) measure(ctx context.Context, r *running, s *Sample) error {
 // variantSample measures the agent's new flows/s with v's extra flags.
 // Each variant's rate search starts from its own previous answer.
 func (b *bench) variantSample(ctx context.Context, v variant, rep int, cfgPath string) (VariantSample, error) {
-	vs := VariantSample{Variant: v.name, Flags: v.flags, Rep: rep}
+	vs := VariantSample{Variant: v.name, Flags: v.flags, Rep: rep, Baseline: v.baseline}
 	if v.shown != nil {
 		vs.Flags = v.shown
 	}

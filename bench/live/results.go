@@ -188,7 +188,10 @@ type PollSample struct {
 type VariantSample struct {
 	Variant  string   `json:"variant"`
 	Flags    []string `json:"flags"` // added to the benchmark's agent flags
-	Rep      int      `json:"rep"`
+	// Baseline is the variant the ratio is taken against ("": the
+	// defaults).
+	Baseline string `json:"baseline,omitempty"`
+	Rep      int    `json:"rep"`
 	NewFlows NewFlows `json:"newFlows"`
 }
 

@@ -117,7 +117,7 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		}
 	}
 
-	if o.variantReps > 0 && len(o.variants) > 0 && slices.Contains(o.dataplanes, Agent) {
+	if o.variantReps > 0 && (len(o.variants) > 0 || o.kubeconfig != "") && slices.Contains(o.dataplanes, Agent) {
 		list, err := nonMasqueradeList(len(nat.DefaultNonMasqueradeCIDRs(true)), o.seed)
 		if err != nil {
 			return res, err
@@ -128,12 +128,12 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		}
 		all := append([]variant{{name: VariantDefaults}}, o.variants...)
 		if o.kubeconfig != "" {
-			v, cleanup, err := b.masqueradeVariant(ctx)
+			vs, cleanup, err := b.masqueradeVariants(ctx)
 			if err != nil {
 				return res, fmt.Errorf("MasqueradePolicy variant: %w", err)
 			}
 			defer cleanup()
-			all = append(all, v)
+			all = append(all, vs...)
 		}
 		for rep := 0; rep < o.variantReps; rep++ {
 			for i := range all {
