@@ -128,7 +128,7 @@ func run(ctx context.Context, o options, progress io.Writer, save func(*Results)
 		}
 		all := append([]variant{{name: VariantDefaults}}, o.variants...)
 		if o.kubeconfig != "" {
-			vs, cleanup, err := b.masqueradeVariants(ctx)
+			vs, cleanup, err := b.masqueradeVariants(ctx, cfgPath)
 			if err != nil {
 				return res, fmt.Errorf("MasqueradePolicy variant: %w", err)
 			}
