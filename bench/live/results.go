@@ -186,12 +186,12 @@ type PollSample struct {
 // variant is measured in each repetition, in rotated order, so that the
 // ratio of a variant to the defaults is paired.
 type VariantSample struct {
-	Variant  string   `json:"variant"`
-	Flags    []string `json:"flags"` // added to the benchmark's agent flags
+	Variant string   `json:"variant"`
+	Flags   []string `json:"flags"` // added to the benchmark's agent flags
 	// Baseline is the variant the ratio is taken against ("": the
 	// defaults).
-	Baseline string `json:"baseline,omitempty"`
-	Rep      int    `json:"rep"`
+	Baseline string   `json:"baseline,omitempty"`
+	Rep      int      `json:"rep"`
 	NewFlows NewFlows `json:"newFlows"`
 }
 
