@@ -152,9 +152,10 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 
 // DefaultIdentityWait is --identity-wait's default. A pod's address
 // reaches the agent's informer when kubelet reports it, after the pod's
-// sandbox is up: the e2e test measures how long a pod that connects at
-// once waits (docs/masquerade-policy.md). A second covers that path on a
-// loaded API server, and bounds what a pod the agent never learns of pays.
+// sandbox is up: on a real kubelet the first packets of pods that send at
+// container start waited 17-20 ms (TestNode, docs/masquerade-policy.md).
+// A second is about 50 times that, room for a loaded node, and bounds what
+// a pod the agent never learns of pays.
 const DefaultIdentityWait = time.Second
 
 // workloadsStartWait bounds the agent's wait at start for the first list
