@@ -192,10 +192,9 @@ type Agent struct {
 	ctDropsRead bool   // ctDrops holds a reading
 	ctFull      bool   // a full conntrack table reported and not yet cleared
 
-	// applied is the Workloads the fallback rules and conntrack were
+	// appliedWL is the Workloads the fallback rules and conntrack were
 	// last brought in line with.
 	appliedWL *nat.Workloads
-	queue     *queue.Queue
 }
 
 // workloads returns the per-pod decisions in force, nil for none.
@@ -298,7 +297,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return &StartupError{err}
 	}
-	a.queue = q
 	a.metrics.registerQueue(q)
 
 	var wg sync.WaitGroup
