@@ -622,14 +622,26 @@ func (a *Agent) applyWorkloads(ctx context.Context) {
 			a.log.Info("MasqueradePolicy fallback sets installed", "sets", len(cfg.PolicySets))
 		}
 	}
+	// The pods whose policies changed: only their flows are looked at,
+	// and conntrack is not walked at all when there are none.
+	changed := map[netip.Addr][2]*nat.PolicySet{}
+	wl.Each(func(addr netip.Addr, s *nat.PolicySet) {
+		if os, known := old.Pod(addr); !known || os != s {
+			changed[addr] = [2]*nat.PolicySet{os, s}
+		}
+	})
+	old.Each(func(addr netip.Addr, s *nat.PolicySet) {
+		if _, known := wl.Pod(addr); !known {
+			changed[addr] = [2]*nat.PolicySet{s, nil}
+		}
+	})
+	if len(changed) == 0 {
+		return
+	}
 	pol := v.policy
 	a.reconcileConntrack(ctx, "MasqueradePolicy change", func(src, dst netip.Addr) bool {
-		os, oknown := old.Pod(src)
-		ns, nknown := wl.Pod(src)
-		if os == ns && oknown == nknown {
-			return false
-		}
-		return os.DecideOr(pol, dst).Action != ns.DecideOr(pol, dst).Action
+		c, ok := changed[src]
+		return ok && c[0].DecideOr(pol, dst).Action != c[1].DecideOr(pol, dst).Action
 	})
 }
 

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"k8s.io/apimachinery/pkg/labels"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/nfmasq/nfmasq/internal/netnstest"
@@ -709,5 +710,103 @@ func TestIPMasqAgentChainDetected(t *testing.T) {
 	h.reload("resync")
 	if foreign() != 0 || !strings.Contains(logs.String(), "ip-masq-agent's chain is gone") {
 		t.Errorf("removal not reported: gauge %v", foreign())
+	}
+}
+
+// fakeWorkloads is a WorkloadSource whose snapshot the test sets.
+type fakeWorkloads struct {
+	mu      sync.Mutex
+	wl      *nat.Workloads
+	changed chan struct{}
+}
+
+func (f *fakeWorkloads) Workloads() *nat.Workloads {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.wl
+}
+
+func (f *fakeWorkloads) Changed() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.changed
+}
+
+func (f *fakeWorkloads) set(wl *nat.Workloads) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.wl = wl
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+// A change of the per-pod decisions rewrites the fallback's policy sets
+// and deletes the conntrack entries of exactly the pods whose policies
+// changed, where their decision changed; an unchanged snapshot touches
+// nothing.
+func TestApplyWorkloads(t *testing.T) {
+	ps, errs := nat.ParseMasqueradePolicies([]byte(`apiVersion: nfmasq.io/v1alpha1
+kind: MasqueradePolicy
+metadata: {name: keep-partner}
+spec: {action: NoSNAT, podSelector: {matchLabels: {app: billing}}, destinations: [{cidr: 11.1.0.0/16, except: [11.1.9.0/24]}]}
+`))
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	all, err := nat.NewMasqueradePolicies(ps, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	billing, err := all.For(nat.Workload{Labels: labels.Set{"app": "billing"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := netip.MustParseAddr("10.244.0.2"), netip.MustParseAddr("10.244.0.3")
+	src := &fakeWorkloads{changed: make(chan struct{})}
+	src.set(nat.NewWorkloads(map[netip.Addr]*nat.PolicySet{a: nil, b: nil}, []netip.Prefix{podCIDR}))
+	h := newHarness(t, config10, nil)
+	h.a.wl = src
+	h.reload("start")
+	h.a.appliedWL = src.Workloads()
+	if strings.Contains(h.rules.Dump(), rules.PolicySetPrefix) {
+		t.Fatal("policy sets installed while no pod has a policy")
+	}
+
+	flow := func(s netip.Addr, dst string) conntrack.Flow {
+		return conntrack.Flow{Proto: 17, Orig: conntrack.Tuple{Src: netip.AddrPortFrom(s, 4000), Dst: netip.MustParseAddrPort(dst)}}
+	}
+	var (
+		aChanged = flow(a, "11.1.1.1:53") // masquerade → kept by keep-partner
+		aExcept  = flow(a, "11.1.9.9:53") // in the except: still the node's masquerade
+		aOther   = flow(a, "8.8.8.8:53")  // no policy entry
+		bSame    = flow(b, "11.1.1.1:53") // b's policies did not change
+	)
+	h.ct.flows = []conntrack.Flow{aChanged, aExcept, aOther, bSame}
+
+	// a is relabelled billing.
+	src.set(nat.NewWorkloads(map[netip.Addr]*nat.PolicySet{a: billing, b: nil}, []netip.Prefix{podCIDR}))
+	h.a.applyWorkloads(context.Background())
+	if want := []conntrack.Flow{aExcept, aOther, bSame}; !slices.Equal(h.ct.flows, want) {
+		t.Errorf("left in conntrack:\n%v\nwant:\n%v", h.ct.flows, want)
+	}
+	dump := h.rules.Dump()
+	for _, want := range []string{"-s4 10.244.0.2\n", "-k4 11.1.0.0/16\n", "-k4 11.1.9.0/24 nomatch\n"} {
+		if !strings.Contains(dump, want) {
+			t.Errorf("fallback lacks %q:\n%s", want, dump)
+		}
+	}
+	if err := h.a.rules.Check(context.Background(), h.a.rulesCfg); err != nil {
+		t.Errorf("Check after the change: %v", err)
+	}
+
+	// The same decisions again: no rule write, no conntrack walk.
+	calls, writes := h.ct.calls, len(h.rules.Calls())
+	src.set(nat.NewWorkloads(map[netip.Addr]*nat.PolicySet{a: billing, b: nil}, []netip.Prefix{podCIDR}))
+	h.a.applyWorkloads(context.Background())
+	if len(h.rules.Calls()) != writes {
+		t.Errorf("an unchanged snapshot ran %v", h.rules.Calls()[writes:])
+	}
+	if h.ct.calls != calls || len(h.ct.flows) != 3 {
+		t.Errorf("an unchanged snapshot walked conntrack (%d times) or deleted flows: %v", h.ct.calls-calls, h.ct.flows)
 	}
 }
