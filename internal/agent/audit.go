@@ -278,12 +278,14 @@ func (au *audit) namePods() {
 		now := clk.Now()
 		kept := pending[:0]
 		for _, w := range pending {
+			// Counted once handed to the log, so a count never runs
+			// ahead of the records.
 			if w.rec.Pod = au.a.podName(w.rec.Src.Addr()); w.rec.Pod != "" {
+				au.log.Log(w.rec)
 				au.podWait.WithLabelValues("named").Inc()
-				au.log.Log(w.rec)
 			} else if !named || !now.Before(w.deadline) {
-				au.podWait.WithLabelValues("timeout").Inc()
 				au.log.Log(w.rec)
+				au.podWait.WithLabelValues("timeout").Inc()
 			} else {
 				kept = append(kept, w)
 			}
