@@ -10,7 +10,6 @@ import (
 // their identity. It is immutable; the agent publishes a new one when a
 // pod, a namespace or a policy changes, and the queue reads it per packet.
 type Workloads struct {
-	pods map[netip.Addr]*PolicySet
 	// v4 and v6 index pods by address bits: hashing a uint32 or 16 bytes
 	// costs a third of hashing a netip.Addr, whose zone handle is part
 	// of the key.
@@ -23,10 +22,9 @@ type Workloads struct {
 // NewWorkloads returns the snapshot. pods maps every known pod address of
 // the node to its PolicySet (nil: no policy selects the pod); hold lists
 // the pod ranges whose addresses missing from pods are not known yet (nil
-// when no MasqueradePolicy exists: then nothing ever waits). NewWorkloads
-// keeps pods; the caller must not modify it afterwards.
+// when no MasqueradePolicy exists: then nothing ever waits).
 func NewWorkloads(pods map[netip.Addr]*PolicySet, hold []netip.Prefix) *Workloads {
-	w := &Workloads{pods: pods, hold: hold, v4: map[uint32]*PolicySet{}, v6: map[[16]byte]*PolicySet{}}
+	w := &Workloads{hold: hold, v4: map[uint32]*PolicySet{}, v6: map[[16]byte]*PolicySet{}}
 	seen := map[*PolicySet]bool{}
 	for a, s := range pods {
 		if s != nil && !seen[s] {
@@ -108,7 +106,7 @@ func (w *Workloads) Len() int {
 	if w == nil {
 		return 0
 	}
-	return len(w.pods)
+	return len(w.v4) + len(w.v6)
 }
 
 // Sets returns the number of distinct PolicySets in use.
@@ -127,7 +125,10 @@ func (w *Workloads) Each(f func(netip.Addr, *PolicySet)) {
 	if w == nil {
 		return
 	}
-	for a, s := range w.pods {
-		f(a, s)
+	for k, s := range w.v4 {
+		f(netip.AddrFrom4([4]byte{byte(k >> 24), byte(k >> 16), byte(k >> 8), byte(k)}), s)
+	}
+	for k, s := range w.v6 {
+		f(netip.AddrFrom16(k), s)
 	}
 }

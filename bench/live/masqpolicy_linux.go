@@ -88,18 +88,7 @@ func (b *bench) masqueradeVariants(ctx context.Context, cfgPath string) ([]varia
 	}
 	for i := range uint64(flowAddrs) {
 		addr := flowSource(sandbox.PodCIDR4, i*flowPorts).Addr()
-		pod, err := client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("load-%d", i), Labels: map[string]string{"app": "load"}},
-			Spec:       corev1.PodSpec{NodeName: benchNode, Containers: []corev1.Container{{Name: "c", Image: "registry.invalid/none"}}},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			cleanup()
-			return nil, nil, err
-		}
-		pod.Status.Phase = corev1.PodRunning
-		pod.Status.PodIP = addr.String()
-		pod.Status.PodIPs = []corev1.PodIP{{IP: addr.String()}}
-		if _, err := client.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		if _, err := kube.CreateRunningPod(ctx, client, ns, fmt.Sprintf("load-%d", i), benchNode, map[string]string{"app": "load"}, addr); err != nil {
 			cleanup()
 			return nil, nil, err
 		}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 
 	"github.com/nfmasq/nfmasq/internal/kube"
@@ -175,13 +174,9 @@ func (f *masqPolicyFlags) load(stderr io.Writer, cluster []string) (*nat.Masquer
 		}
 		all = append(all, ps...)
 	}
-	var clusterPrefixes []netip.Prefix
-	for _, c := range cluster {
-		p, err := nat.ParseCIDR(c)
-		if err != nil {
-			return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--cluster-cidr: %w", err)}
-		}
-		clusterPrefixes = append(clusterPrefixes, p)
+	clusterPrefixes, err := parsePrefixes(cluster)
+	if err != nil {
+		return nil, w, &exitError{code: exitConfig, err: fmt.Errorf("--cluster-cidr: %w", err)}
 	}
 	set, err := nat.NewMasqueradePolicies(all, clusterPrefixes)
 	if err != nil {

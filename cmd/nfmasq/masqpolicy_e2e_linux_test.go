@@ -97,21 +97,7 @@ func apiForNode(t *testing.T, node *netns.NS) *e2eAPI {
 // createRunningPod creates a pod on node and reports it running with ips.
 func (api *e2eAPI) createRunningPod(t *testing.T, ns, name, node string, labels map[string]string, ips ...netip.Addr) {
 	t.Helper()
-	ctx := t.Context()
-	pods := api.client.CoreV1().Pods(ns)
-	created, err := pods.Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
-		Spec:       corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "c", Image: "registry.invalid/none"}}},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	created.Status.Phase = corev1.PodRunning
-	for _, ip := range ips {
-		created.Status.PodIPs = append(created.Status.PodIPs, corev1.PodIP{IP: ip.String()})
-	}
-	created.Status.PodIP = ips[0].String()
-	if _, err := pods.UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+	if _, err := kube.CreateRunningPod(t.Context(), api.client, ns, name, node, labels, ips...); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -10,8 +10,10 @@ import (
 	"k8s.io/client-go/rest"
 )
 
-// OptionalClients is OptionalClient with a dynamic client beside it (for
-// MasqueradePolicies).
+// OptionalClients returns clients (typed, and dynamic for
+// MasqueradePolicies) when running in a cluster or given a kubeconfig, and
+// nil when neither: Kubernetes is optional for the agent (pod CIDRs can be
+// flags, pod names and MasqueradePolicies are then off).
 func OptionalClients(kubeconfig string) (kubernetes.Interface, dynamic.Interface, error) {
 	cfg, err := Config(kubeconfig)
 	if errors.Is(err, rest.ErrNotInCluster) {
@@ -58,20 +60,6 @@ func StartMasqueradeWatcher(ctx context.Context, client kubernetes.Interface, dy
 		}
 	}()
 	return w, served
-}
-
-// OptionalClient returns a client when running in a cluster or given a
-// kubeconfig, and nil when neither: Kubernetes is optional for the agent
-// (pod CIDRs can be flags, pod names are a nicety).
-func OptionalClient(kubeconfig string) (kubernetes.Interface, error) {
-	cfg, err := Config(kubeconfig)
-	if errors.Is(err, rest.ErrNotInCluster) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	return kubernetes.NewForConfig(cfg)
 }
 
 // StartPodIndex starts a pod informer for the node's pods, for pod names

@@ -4,13 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -84,4 +88,26 @@ func EnsureCRD(ctx context.Context, dyn dynamic.Interface, crdJSON []byte, res s
 		case <-time.After(50 * time.Millisecond): // a CRD is served within a second or so
 		}
 	}
+}
+
+// CreateRunningPod creates a pod bound to node and reports it Running with
+// addresses ips, as kubelet would: for API servers without a kubelet (the
+// integration and e2e tests, the benchmark).
+func CreateRunningPod(ctx context.Context, client kubernetes.Interface, ns, name, node string, labels map[string]string, ips ...netip.Addr) (*corev1.Pod, error) {
+	pods := client.CoreV1().Pods(ns)
+	pod, err := pods.Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
+		Spec:       corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "c", Image: "registry.invalid/none"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	pod.Status.Phase = corev1.PodRunning
+	for _, ip := range ips {
+		pod.Status.PodIPs = append(pod.Status.PodIPs, corev1.PodIP{IP: ip.String()})
+	}
+	if len(ips) > 0 {
+		pod.Status.PodIP = ips[0].String()
+	}
+	return pods.UpdateStatus(ctx, pod, metav1.UpdateOptions{})
 }

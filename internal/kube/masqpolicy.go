@@ -201,7 +201,7 @@ func (w *MasqueradeWatcher) Run(ctx context.Context) error {
 	go w.writeStatuses(ctx)
 	for {
 		podsChanged := w.pods.Changed()
-		w.rebuild(ctx)
+		w.rebuild()
 		select {
 		case <-ctx.Done():
 			return nil
@@ -213,9 +213,9 @@ func (w *MasqueradeWatcher) Run(ctx context.Context) error {
 
 // rebuild publishes the decisions for the current policies, namespaces and
 // pods, compiling the policies again only when one changed.
-func (w *MasqueradeWatcher) rebuild(ctx context.Context) {
+func (w *MasqueradeWatcher) rebuild() {
 	objs := w.policyInformer.GetStore().List()
-	all := w.compile(ctx, objs)
+	all := w.compile(objs)
 	nsLabels := map[string]labels.Set{}
 	for _, obj := range w.nsInformer.GetStore().List() {
 		if ns, ok := obj.(*corev1.Namespace); ok {
@@ -252,7 +252,7 @@ func (w *MasqueradeWatcher) rebuild(ctx context.Context) {
 
 // compile parses the policies and writes their status when they changed
 // since the last compile; otherwise it returns the compiled set as is.
-func (w *MasqueradeWatcher) compile(ctx context.Context, objs []any) *nat.MasqueradePolicies {
+func (w *MasqueradeWatcher) compile(objs []any) *nat.MasqueradePolicies {
 	var us []*unstructured.Unstructured
 	for _, o := range objs {
 		if u, ok := o.(*unstructured.Unstructured); ok {

@@ -244,33 +244,20 @@ func TestIntegrationMasqueradeWatcher(t *testing.T) {
 	})
 }
 
-// mkRunningPod creates a pod on node with labels and reports it running
-// with ips.
+// mkRunningPod creates a Running pod on node, deleted at the test's end.
 func mkRunningPod(t *testing.T, s *testServer, ns, name, node string, labels map[string]string, ips ...string) *corev1.Pod {
 	t.Helper()
-	ctx := t.Context()
-	pods := s.client.CoreV1().Pods(ns)
-	zero := int64(0)
-	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
-		Spec: corev1.PodSpec{
-			NodeName:   node,
-			Containers: []corev1.Container{{Name: "c", Image: "registry.invalid/none"}},
-		},
-	}
-	created, err := pods.Create(ctx, p, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pods.Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: &zero}) })
-	created.Status.Phase = corev1.PodRunning
+	var addrs []netip.Addr
 	for _, ip := range ips {
-		created.Status.PodIPs = append(created.Status.PodIPs, corev1.PodIP{IP: ip})
+		addrs = append(addrs, netip.MustParseAddr(ip))
 	}
-	created.Status.PodIP = ips[0]
-	updated, err := pods.UpdateStatus(ctx, created, metav1.UpdateOptions{})
+	pod, err := CreateRunningPod(t.Context(), s.client, ns, name, node, labels, addrs...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return updated
+	zero := int64(0)
+	t.Cleanup(func() {
+		_ = s.client.CoreV1().Pods(ns).Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	})
+	return pod
 }

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -174,7 +175,7 @@ func sortedUnique(s []string) []string {
 func PlanPolicySets(cfg Config, fam Family, existingSets []string) []byte {
 	contents := policySetContents(&cfg, fam)
 	var b strings.Builder
-	for _, name := range slicesSortedKeys(contents) {
+	for _, name := range slices.Sorted(maps.Keys(contents)) {
 		c := contents[name]
 		tmp := name + "-t"
 		create := fmt.Sprintf("%s family %s hashsize %d maxelem %d", c.kind, setFamily(fam), hashSize(len(c.entries)), maxElem(len(c.entries)))
@@ -220,7 +221,7 @@ func staleSets(cfg Config, existing []string) []string {
 // difference.
 func VerifyPolicySets(cfg Config, fam Family, save func(name string) (string, error)) error {
 	contents := policySetContents(&cfg, fam)
-	for _, name := range slicesSortedKeys(contents) {
+	for _, name := range slices.Sorted(maps.Keys(contents)) {
 		out, err := save(name)
 		if err != nil {
 			return fmt.Errorf("%w: ipset %s: %v", ErrRulesChanged, name, err)
@@ -237,13 +238,4 @@ func VerifyPolicySets(cfg Config, fam Family, save func(name string) (string, er
 		}
 	}
 	return nil
-}
-
-func slicesSortedKeys(m map[string]setContent) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
