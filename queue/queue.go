@@ -176,7 +176,8 @@ type Event struct {
 
 // Stats is a snapshot of a Queue's counters since New. Once no packet is
 // being handled, Packets = Masquerade + Passthrough + the sum of
-// Undecided; a snapshot taken while one is may lag by that packet.
+// Undecided + Holding; a snapshot taken while one is may lag by that
+// packet.
 type Stats struct {
 	// Packets received from the kernel.
 	Packets uint64
