@@ -153,7 +153,7 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 // DefaultIdentityWait is --identity-wait's default. A pod's address
 // reaches the agent's informer when kubelet reports it, after the pod's
 // sandbox is up: on a real kubelet the first packets of pods that send at
-// container start waited 17-20 ms (TestNode, docs/masquerade-policy.md).
+// container start waited 17-25 ms (TestNode, docs/masquerade-policy.md).
 // A second is about 50 times that, room for a loaded node, and bounds what
 // a pod the agent never learns of pays.
 const DefaultIdentityWait = time.Second
